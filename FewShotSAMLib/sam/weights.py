@@ -63,24 +63,35 @@ def verify_file(path: Path, sha256: Optional[str], size: Optional[int] = None) -
 
 
 def hub_download(repo_id: str, filename: str, sha256: Optional[str] = None, cache_dir: Optional[Path] = None,
-                 revision: Optional[str] = None) -> Path:
+                 revision: Optional[str] = None, offline_hint: Optional[str] = None) -> Path:
     """Download ``filename`` from a Hugging Face Hub repo into the cache folder (or reuse it), verified.
 
-    Offline or unreachable hub: a UserInputError saying where to put the file by hand.
+    With a reference ``sha256`` an already cached copy is used without contacting the Hub (its digest is
+    checked instead). Offline or unreachable hub: a UserInputError saying where to put the file by hand
+    (``offline_hint`` replaces the generic advice when the caller knows a better one).
     """
     cache_dir = Path(cache_dir or default_cache_dir()) / "hub"
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as exc:  # pragma: no cover
         raise UserInputError("Downloading weights needs huggingface_hub; 'pip install huggingface_hub'.") from exc
-    try:
-        local = Path(hf_hub_download(repo_id=repo_id, filename=filename, cache_dir=str(cache_dir),
-                                     revision=revision))
-    except Exception as exc:  # noqa: BLE001 - the hub raises many kinds of network errors
-        raise UserInputError(
-            f"Could not download {filename} from the Hugging Face repo {repo_id} ({type(exc).__name__}); "
-            f"when offline, download it elsewhere and pass its local path instead."
-        ) from exc
+    local: Optional[Path] = None
+    if sha256:
+        try:  # a pinned file that is already cached needs no network round trip
+            local = Path(hf_hub_download(repo_id=repo_id, filename=filename, cache_dir=str(cache_dir),
+                                         revision=revision, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached yet (LocalEntryNotFoundError and friends)
+            local = None
+    if local is None:
+        try:
+            local = Path(hf_hub_download(repo_id=repo_id, filename=filename, cache_dir=str(cache_dir),
+                                         revision=revision))
+        except Exception as exc:  # noqa: BLE001 - the hub raises many kinds of network errors
+            advice = offline_hint or "when offline, download it elsewhere and pass its local path instead."
+            raise UserInputError(
+                f"Could not download {filename} from the Hugging Face repo {repo_id} ({type(exc).__name__}); "
+                f"{advice}"
+            ) from exc
     verify_file(local, sha256)
     return local
 
