@@ -30,6 +30,15 @@ def key_digest(key: Hashable) -> str:
     return hashlib.sha1(repr(key).encode()).hexdigest()[:24]
 
 
+def _save_atomic(path: Path, emb: np.ndarray) -> None:
+    """Write ``emb`` to ``path`` through a temporary file so that a reader (another process sharing the
+    persistent folder) never sees a half-written file, and an interrupted run leaves none behind."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        np.save(handle, emb)
+    os.replace(tmp, path)
+
+
 class EmbeddingCache:
     """LRU cache of (C, h, w) float16 embeddings with a memory cap and disk spill.
 
@@ -68,7 +77,7 @@ class EmbeddingCache:
             old_key, old = self._mem.popitem(last=False)
             self._mem_bytes -= old.nbytes
             if old_key not in self._on_disk:
-                np.save(self._disk_path(old_key), old)
+                _save_atomic(self._disk_path(old_key), old)
                 self._on_disk.add(old_key)
                 self.spilled += 1
 
@@ -77,7 +86,14 @@ class EmbeddingCache:
             self._mem.move_to_end(key)
             return self._mem[key]
         if key in self._on_disk or (self._persist is not None and self._disk_path(key).exists()):
-            emb = np.load(self._disk_path(key))
+            path = self._disk_path(key)
+            try:
+                emb = np.load(path)
+            except (OSError, ValueError, EOFError) as exc:  # unreadable file: encode the slice again
+                log.warning("Embedding file %s is unreadable (%s); the slice will be encoded again", path, exc)
+                self._on_disk.discard(key)
+                path.unlink(missing_ok=True)
+                return None
             self._on_disk.add(key)
             self._put(key, emb)
             return emb
@@ -109,7 +125,7 @@ class EmbeddingCache:
             self.encoded += len(chunk)
             for k, e in zip(chunk, emb):
                 if self._persist is not None:
-                    np.save(self._disk_path(k), e)
+                    _save_atomic(self._disk_path(k), e)
                     self._on_disk.add(k)
                 self._put(k, e)
             if on_encoded is not None:
