@@ -39,6 +39,8 @@ class ExtentRules:
     max_area_growth: float = 2.5  # vs the neighbour's area
     min_overlap: float = 0.3  # |mask & neighbour| / |mask|
     min_score: float = 0.3
+    min_evidence: float = 0.0  # cos(mask features, target prototype) - cos(mask features, ring prototype)
+    ring: tuple[int, int] = (3, 12)  # inner/outer dilation (model-frame pixels at 256) of the support ring
 
 
 @dataclass
@@ -79,6 +81,44 @@ def _bbox(mask: np.ndarray) -> Optional[np.ndarray]:
     if rows.size == 0:
         return None
     return np.array([rows.min(), cols.min(), rows.max(), cols.max()], np.float32)
+
+
+def _pool(embedding, mask: np.ndarray):
+    """Mean embedding vector under a model-frame mask (area-weighted on the embedding grid)."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = embedding.shape[-2:]
+    m = F.adaptive_avg_pool2d(torch.as_tensor(mask, dtype=torch.float32, device=embedding.device)[None, None],
+                              (h, w))[0, 0]
+    return (embedding * m).sum((1, 2)) / m.sum().clamp_min(1e-6)
+
+
+class TargetEvidence:
+    """Does a predicted query mask look like the support's target or like the ring of tissue around it?
+
+    Prototypes are the support embedding pooled under the target and under a ring just outside it;
+    ``score(query_embedding, mask)`` is cos(mask mean, target) - cos(mask mean, ring): positive when the
+    mask holds the target, negative when propagation has drifted onto the surroundings.
+    """
+
+    def __init__(self, support: Support, ring: tuple[int, int], input_size: int) -> None:
+        from scipy import ndimage
+
+        scale = input_size / 256.0
+        inner = ndimage.binary_dilation(support.mask, iterations=max(1, int(round(ring[0] * scale))))
+        outer = ndimage.binary_dilation(support.mask, iterations=max(2, int(round(ring[1] * scale))))
+        self.target = _pool(support.embedding, support.mask)
+        self.ring = _pool(support.embedding, outer & ~inner)
+
+    def score(self, embedding, mask: np.ndarray) -> float:
+        """Evidence in [-2, 2] that ``mask`` on ``embedding`` is the target."""
+        import torch.nn.functional as F
+
+        if not mask.any():
+            return -2.0
+        f = _pool(embedding, mask)
+        return float(F.cosine_similarity(f, self.target, 0) - F.cosine_similarity(f, self.ring, 0))
 
 
 def keep_connected_to(mask: np.ndarray, seed: np.ndarray) -> np.ndarray:
@@ -216,8 +256,10 @@ class VolumeSession:
         if cancel is not None and cancel():
             raise CancelledError("cancelled")
         supports: dict[int, Support] = {}
+        evidence: dict[int, TargetEvidence] = {}
         for p, emb in zip(painted, pv.embeddings(self.cache, painted)):
             supports[p] = Support(emb, pv.mask_to_model(ex_slices[p]), p)
+            evidence[p] = TargetEvidence(supports[p], rules.ring, self.backend.input_size)
 
         out = np.zeros((n,) + pv.slices.shape[1:], bool)
         for p in painted:
@@ -256,8 +298,9 @@ class VolumeSession:
                     continue
                 res = self.backend.decode(emb, prompts)
                 mmask = res.mask & pv.valid
-                if stoppable and not self._accept(mmask, res.score, prompts.presence, neighbour_model,
-                                                  sup.mask, rules):
+                if stoppable and not (
+                        self._accept(mmask, res.score, prompts.presence, neighbour_model, sup.mask, rules)
+                        and evidence[sup_idx].score(emb, mmask) > rules.min_evidence):
                     log.debug("extent stops before slice %d", q)
                     break
                 logits = np.where(pv.valid, res.logits, -20.0)
@@ -275,6 +318,36 @@ class VolumeSession:
             sl[axis] = p
             mask[tuple(sl)] = np.moveaxis(example, axis, 0)[p]
         result.mask = mask
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def segment_from_prompts(self, example_mask: np.ndarray, axis: int, prompts: dict[int, dict], *,
+                             progress: Optional[Progress] = None,
+                             cancel: Optional[Callable[[], bool]] = None) -> SegmentationResult:
+        """SAM's result for given (e.g. edited) prompts: ``prompts[slice] = {'fg', 'bg', 'box'}`` in
+        numpy-order voxel indices. Only those slices are decoded; painted slices stay as painted."""
+        t0 = time.perf_counter()
+        example = np.asarray(example_mask).astype(bool)
+        pv = self.prepared(axis)
+        painted = painted_slices(example, axis).tolist()
+        out = np.zeros((pv.n_slices,) + pv.slices.shape[1:], bool)
+        result = SegmentationResult(mask=example, axis=axis, painted=painted, intensity=self.intensity)
+        order = sorted(prompts)
+        pv.embeddings(self.cache, order)
+        for done, k in enumerate(order, 1):
+            if cancel is not None and cancel():
+                raise CancelledError("cancelled")
+            p = prompts[k]
+            mp = self.prompts_from_voxels(axis, p["fg"], p["bg"], p.get("box"))
+            out[k], score = self.decode_slice(axis, k, mp)
+            result.prompts[k] = self.to_slice_prompts(axis, k, mp, score, min(painted, key=lambda s: abs(s - k)))
+            result.scores[k] = score
+            if progress is not None:
+                progress(done, len(order))
+        ex_slices = np.moveaxis(example, axis, 0)
+        for p in painted:
+            out[p] = ex_slices[p]
+        result.mask = np.moveaxis(out, 0, axis)
         result.seconds = time.perf_counter() - t0
         return result
 

@@ -1,0 +1,179 @@
+"""Command line: argument parsing and output only; the work is done by the library's modules.
+
+Subcommands: segment (the main job), evaluate, train, bench, demo. Each non-``segment`` subcommand lives
+in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``, imported only when used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import time
+from typing import Optional, Sequence
+
+from .errors import CancelledError, UserInputError
+
+log = logging.getLogger("FewShotSAMLib")
+
+SUBCOMMANDS = {
+    "evaluate": ("FewShotSAMLib.evaluate", "Evaluate prompt generators on CHAOS (few-shot or product protocol)."),
+    "train": ("FewShotSAMLib.fob.train", "Train the FoB prompt generator self-supervised on unlabeled volumes."),
+    "bench": ("FewShotSAMLib.bench", "Measure encoder, generator and decoder speed and memory."),
+    "demo": ("FewShotSAMLib.demo", "Run the main job on a real MRI that an installed package ships."),
+}
+
+
+def parse_window(text: Optional[str]) -> Optional[tuple[float, float]]:
+    """'C,W' -> (centre, width)."""
+    if not text:
+        return None
+    try:
+        c, w = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UserInputError(f"--window takes CENTRE,WIDTH in HU, e.g. --window 40,400; got '{text}'.") from None
+    return c, w
+
+
+def parse_range(text: str):
+    """'auto' or 'Z0:Z1' (inclusive) -> 'auto' | (z0, z1)."""
+    if text in (None, "", "auto"):
+        return "auto"
+    try:
+        a, b = text.split(":")
+        z0, z1 = int(a), int(b)
+    except ValueError:
+        raise UserInputError(f"--range takes 'auto' or FIRST:LAST slice numbers, e.g. --range 10:30; got '{text}'.") from None
+    if z0 > z1:
+        raise UserInputError(f"--range {text}: the first slice must not be after the last.")
+    return z0, z1
+
+
+def add_segment_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of the ``segment`` subcommand."""
+    from .prompts import DEFAULT_GENERATOR
+
+    p.add_argument("image", help="CT/MRI volume: NIfTI, NRRD, MHA, or a DICOM series folder.")
+    p.add_argument("--example", required=True, help="Label map in the image's geometry with the target painted on one or a few slices.")
+    p.add_argument("--output", required=True, help="Output label map (same geometry as IMAGE).")
+    p.add_argument("--label", type=int, default=None, help="Label value of the target in EXAMPLE (needed when it holds several).")
+    p.add_argument("--prompts-out", default=None, help="Write the per-slice prompts fed to SAM as JSON.")
+    p.add_argument("--prompts-in", default=None, help="Re-run SAM from an (edited) prompts JSON instead of generating prompts.")
+    p.add_argument("--overlay-out", default=None, help="Write a PNG montage of the result for a quick visual check.")
+    p.add_argument("--generator", default=DEFAULT_GENERATOR, help=f"Prompt generator (default {DEFAULT_GENERATOR}).")
+    p.add_argument("--sam", default="litemedsam", help="SAM model: litemedsam (embedded default), vit_h, vit_l, vit_b, vit_t, or a checkpoint path.")
+    p.add_argument("--sam-checkpoint", default=None, help="Checkpoint for --sam NAME: a local path, hf:owner/repo/file or owner/repo:file.")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda.")
+    p.add_argument("--range", default="auto", help="'auto' (find the target's extent) or FIRST:LAST slice numbers along the slicing axis.")
+    p.add_argument("--window", default=None, help="CT window CENTRE,WIDTH in HU (default: soft tissue 40,400 for CT).")
+    p.add_argument("--quiet", action="store_true", help="No progress bar or log lines; only errors.")
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    """The main job: read, segment, write. Returns the exit code."""
+    import numpy as np
+
+    from .volume import check_output_path, label_on_image_grid, read_volume, select_example, write_label
+
+    t0 = time.perf_counter()
+    check_output_path(args.output, "output")
+    for path, what in ((args.prompts_out, "prompts output"), (args.overlay_out, "overlay output")):
+        if path:
+            check_output_path(path, what)
+    extent = parse_range(args.range)
+    window = parse_window(args.window)
+    image = read_volume(args.image, "image")
+    example_vol = read_volume(args.example, "example")
+    example_labels = label_on_image_grid(image, example_vol)
+    example = select_example(example_labels, args.label)
+    label_value = int(args.label) if args.label is not None else int(example_labels[example].flat[0])
+
+    from .engine import VolumeSession
+    from .volume import choose_intensity
+
+    intensity = choose_intensity(image.array, image.metadata, window)
+    log.info("intensities: %s", intensity.describe())
+    from .sam import load_backend
+
+    backend = load_backend(args.sam, args.device, args.sam_checkpoint)
+    session = VolumeSession(image.array, image.spacing, sam=backend, intensity=intensity)
+    log.info("SAM %s on %s", session.backend.name, session.backend.device)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="slice", disable=args.quiet, file=sys.stderr, desc="segmenting")
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        if args.prompts_in:
+            from .prompt_file import read_prompts
+
+            axis, prompts = read_prompts(args.prompts_in, image)
+            result = session.segment_from_prompts(example, axis, prompts, progress=progress)
+        else:
+            result = session.segment(example, generator=args.generator, extent=extent, progress=progress)
+    finally:
+        bar.close()
+
+    write_label(image, result.mask.astype(np.uint8) * label_value, args.output)
+    if args.prompts_out:
+        from .prompt_file import prompts_to_json, write_prompts
+
+        write_prompts(args.prompts_out, prompts_to_json(
+            result, image, image=str(args.image), example=str(args.example), label=label_value,
+            sam=session.backend.name, generator=args.generator if not args.prompts_in else "prompts-in"))
+    if args.overlay_out:
+        from .overlay import render_overlay, write_overlay
+
+        write_overlay(args.overlay_out, render_overlay(image.array, image.spacing, intensity, result))
+    ml = float(result.mask.sum() * np.prod(image.spacing) / 1000.0)
+    if not args.quiet:
+        print(f"segmented {len(result.segmented_slices)} slices (axis {result.axis}, painted {result.painted}), "
+              f"volume {ml:.1f} ml, in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (subcommand modules are imported only for their own --help)."""
+    parser = argparse.ArgumentParser(prog="python -m FewShotSAMLib",
+                                     description="Segment a whole CT/MRI volume from one painted slice with SAM.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_segment_arguments(sub.add_parser("segment", help="Segment a volume from a painted example (the main job)."))
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``python -m FewShotSAMLib``; returns the exit code (2 for bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else (logging.ERROR if quiet else logging.INFO),
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        if args.command == "segment":
+            if rest:
+                parser.error(f"unrecognized arguments: {' '.join(rest)}")
+            return run_segment(args)
+        module = importlib.import_module(SUBCOMMANDS[args.command][0])
+        sub = argparse.ArgumentParser(prog=f"python -m FewShotSAMLib {args.command}",
+                                      description=SUBCOMMANDS[args.command][1])
+        module.add_arguments(sub)
+        return int(module.run(sub.parse_args(rest)) or 0)
+    except UserInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except CancelledError:
+        print("cancelled; nothing was written", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
