@@ -354,6 +354,22 @@ def place_beside_volume(node, volume_node) -> None:
     sh.SetItemParent(item_of(node), target)
 
 
+def remove_node(node) -> None:
+    """Remove a node with its display and storage nodes from its scene."""
+    scene = node.GetScene() if node is not None else None
+    if scene is None:
+        return
+    extra = []
+    if hasattr(node, "GetNumberOfDisplayNodes"):
+        extra += [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+    if hasattr(node, "GetStorageNode") and node.GetStorageNode() is not None:
+        extra.append(node.GetStorageNode())
+    scene.RemoveNode(node)
+    for other in extra:
+        if other is not None and other.GetScene() is scene:
+            scene.RemoveNode(other)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Prompts <-> markups point lists
 # ----------------------------------------------------------------------------------------------------
@@ -897,8 +913,7 @@ class SegmentFromExampleLogic:
             editor.unobserve()
             self.editors.pop(key, None)
             for node in created_lists:
-                if node.GetScene() is not None:
-                    node.GetScene().RemoveNode(node)
+                remove_node(node)
             if before is None:
                 seg.RemoveSegment(out_id)
             else:
