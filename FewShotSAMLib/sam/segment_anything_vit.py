@@ -149,7 +149,10 @@ def resolve_checkpoint(variant: Optional[str], checkpoint: Optional[str | os.Pat
         repo_id, filename = hub
         known = next((e for e in KNOWN_CHECKPOINTS.values()
                       if e.repo_id == repo_id and e.filename == filename), None)
-        path = hub_download(repo_id, filename, known.sha256 if known else None)
+        basename = filename.rsplit("/", 1)[-1]
+        hint = (f"download {basename} from the Hugging Face repo {repo_id} by hand and pass its local path "
+                "instead of the Hub reference.")
+        path = hub_download(repo_id, filename, known.sha256 if known else None, offline_hint=hint)
         return path, bool(known and variant and KNOWN_CHECKPOINTS.get(variant) == known)
     path = Path(spec).expanduser()
     verify_file(path, None)
