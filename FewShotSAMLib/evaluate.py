@@ -1,0 +1,521 @@
+"""The evaluation harness: the standard 1-shot protocol on CHAOS (``fewshot``) and what a user gets
+(``product``), every method on one SAM backend and one persistent embedding cache.
+
+Protocols (see docs/RESULTS.md for the numbers):
+- Folds: volumes sorted by numeric id; positions {0-4}, {4-8}, {8-12}, {12-16}, {16-19, 0} (5 test
+  volumes per fold; neighbouring folds share one volume, as in the SSL-ALPNet/ADNet/FoB code).
+- ``fewshot``: the support is the fold's volume at position 2 (removed from the queries). From its slices
+  holding the organ (a sorted list of n slices) the supports are the slices at list positions
+  floor(n/6), floor(n/2), floor(5n/6) (fractions 1/6, 1/2, 5/6). Each query volume keeps only its slices
+  holding the organ, split into 3 equal chunks (``numpy.array_split``); chunk j is segmented with support
+  j, each slice independently (no propagation). Dice is 3D over the evaluated slices of each query volume.
+- ``product``: each test volume of the fold is painted on one slice (the middle of the organ's slices in
+  that volume; the engine needs the example on the image it segments), then the engine propagates with
+  automatic extent over the whole volume. Dice is 3D over the whole volume (painted slice included; the
+  Dice without it is reported too), with the number of slices segmented outside the true extent and of
+  true slices missed.
+- Aggregation: mean over volumes per organ, then over the four organs = the fold's score; mean and
+  standard deviation (population) over folds. Dice in percent.
+- Settings (for methods that train, i.e. FoB): 1 = training may see the test organs unlabeled; 2 = the
+  training slices holding any of the four test organs are excluded. Training-free methods ignore it.
+- FoB: ``FoBGenerator(weights=path)`` from ``prompts/fob.py`` with the fold's model at
+  ``FOB_WEIGHTS_PATTERN`` (``--fob-weights`` overrides); skipped with a message when absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from .errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+ORGANS: dict[int, str] = {1: "liver", 2: "right_kidney", 3: "left_kidney", 4: "spleen"}
+FOLD_POSITIONS: list[list[int]] = [[0, 1, 2, 3, 4], [4, 5, 6, 7, 8], [8, 9, 10, 11, 12], [12, 13, 14, 15, 16],
+                                   [16, 17, 18, 19, 0]]
+SUPPORT_POSITION = 2
+SUPPORT_FRACTIONS = (1 / 6, 1 / 2, 5 / 6)
+TRAINING_FREE = ("persam", "p2sam", "synpo", "boxprop", "coarse")
+FOB_WEIGHTS_PATTERN = ".cache/fob/setting{setting}/fold{fold}/fob.pt"
+SETTINGS = {
+    1: "Setting 1: training may see the test organs (unlabeled, e.g. as superpixel pseudo-labels).",
+    2: "Setting 2: training slices that contain any of the four test organs are excluded.",
+}
+PUBLISHED = {  # 1-shot CHAOS-MRI (Abd-MRI), mean Dice %, as published
+    "FoB + SAM ViT-H": (84.46, "FoB paper (Focus on Background), Setting 1"),
+    "SynPo": (81.15, "SynPo paper, Table 1 (CHAOS-MRI)"),
+    "ProtoSAM": (77.83, "as reported in the SynPo paper, Table 1"),
+    "PerSAM": (61.12, "as reported in the SynPo paper, Table 1"),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Folds, supports, chunks, Dice
+# ----------------------------------------------------------------------------------------------------
+def list_cases(data_dir: str | Path) -> list[tuple[int, Path, Path]]:
+    """(id, image path, label path) of every ``image_<id>.nii.gz`` with its label, sorted by numeric id."""
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise UserInputError(f"The data folder '{data_dir}' does not exist; pass --data pointing at chaos_t2.")
+    cases = []
+    for img in d.glob("image_*.nii.gz"):
+        stem = img.name[len("image_"):-len(".nii.gz")]
+        if not stem.isdigit():
+            continue
+        lab = d / f"label_{stem}.nii.gz"
+        if lab.exists():
+            cases.append((int(stem), img, lab))
+    if not cases:
+        raise UserInputError(f"The data folder '{data_dir}' holds no image_<id>.nii.gz / label_<id>.nii.gz pairs.")
+    return sorted(cases)
+
+
+def fold_volume_ids(ids: Sequence[int], fold: int) -> list[int]:
+    """The ids of the test volumes of ``fold`` (0-4) from the sorted id list (needs 20 volumes)."""
+    if not 0 <= fold < len(FOLD_POSITIONS):
+        raise UserInputError(f"Fold {fold} does not exist; use folds 0 to {len(FOLD_POSITIONS) - 1}.")
+    ids = sorted(ids)
+    if max(FOLD_POSITIONS[fold]) >= len(ids):
+        raise UserInputError(f"Fold {fold} needs at least {max(FOLD_POSITIONS[fold]) + 1} volumes; the data has {len(ids)}.")
+    return [ids[p] for p in FOLD_POSITIONS[fold]]
+
+
+def parse_folds(text: str) -> list[int]:
+    """'0-4' / '0,2' / '3' -> sorted fold indices."""
+    out: set[int] = set()
+    try:
+        for part in str(text).split(","):
+            part = part.strip()
+            if "-" in part:
+                a, b = part.split("-")
+                out.update(range(int(a), int(b) + 1))
+            elif part:
+                out.add(int(part))
+    except ValueError:
+        raise UserInputError(f"--folds '{text}' is not a fold list; write e.g. 0-4 or 0,2.") from None
+    bad = [f for f in out if not 0 <= f < len(FOLD_POSITIONS)]
+    if bad or not out:
+        raise UserInputError(f"--folds '{text}' must name folds between 0 and {len(FOLD_POSITIONS) - 1}.")
+    return sorted(out)
+
+
+def organ_slices(label: np.ndarray, organ: int) -> np.ndarray:
+    """Indices (axis 0) of the slices that hold ``organ``."""
+    return np.flatnonzero((label == organ).any(axis=(1, 2)))
+
+
+def support_slice_indices(slices: Sequence[int]) -> list[int]:
+    """The 3 support slices at fractions 1/6, 1/2, 5/6 of the organ's sorted slice list."""
+    s = list(slices)
+    if not s:
+        raise ValueError("the support volume does not hold the organ")
+    return [s[min(len(s) - 1, int(np.floor(f * len(s))))] for f in SUPPORT_FRACTIONS]
+
+
+def query_chunks(slices: Sequence[int], n: int = 3) -> list[list[int]]:
+    """The organ's slices of a query volume split into ``n`` equal (contiguous) chunks."""
+    return [list(map(int, c)) for c in np.array_split(np.asarray(list(slices), int), n)]
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice in percent of two bool arrays; 100 when both are empty."""
+    p, t = np.asarray(pred, bool), np.asarray(truth, bool)
+    denom = int(p.sum()) + int(t.sum())
+    if denom == 0:
+        return 100.0
+    return 200.0 * int((p & t).sum()) / denom
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data access (one backend, one cache)
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class Case:
+    """One volume prepared for the backend: image geometry, label map, PreparedVolume along axis 0."""
+
+    id: int
+    label: np.ndarray
+    prepared: object  # slices.PreparedVolume
+    image: np.ndarray
+    spacing: np.ndarray
+
+
+class CaseStore:
+    """Loads volumes lazily and keeps them; all share one backend and one embedding cache."""
+
+    def __init__(self, cases: Sequence[tuple[int, Path, Path]], backend, cache) -> None:
+        self.paths = {cid: (img, lab) for cid, img, lab in cases}
+        self.backend = backend
+        self.cache = cache
+        self._cases: dict[int, Case] = {}
+
+    @property
+    def ids(self) -> list[int]:
+        """Sorted case ids."""
+        return sorted(self.paths)
+
+    def get(self, cid: int) -> Case:
+        """The case ``cid`` (read once)."""
+        if cid not in self._cases:
+            from .slices import PreparedVolume
+            from .volume import choose_intensity, label_on_image_grid, read_volume
+
+            img, lab = self.paths[cid]
+            vol = read_volume(img)
+            label = label_on_image_grid(vol, read_volume(lab, "label map")).astype(np.uint8)
+            pv = PreparedVolume(vol.array, vol.spacing, 0, choose_intensity(vol.array, vol.metadata),
+                                self.backend.input_size)
+            self._cases[cid] = Case(cid, label, pv, vol.array, vol.spacing)
+        return self._cases[cid]
+
+    def embedding(self, case: Case, index: int):
+        """The cached embedding of slice ``index`` of ``case`` (encoded once if missing)."""
+        pv = case.prepared
+        return self.cache.get(pv.key(index), pv.frame_for_key)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generators
+# ----------------------------------------------------------------------------------------------------
+def fob_weights_path(pattern: str, fold: int, setting: int) -> Path:
+    """The FoB weights of ``fold`` and ``setting`` from a pattern with {fold} and {setting}."""
+    return Path(pattern.format(fold=fold, setting=setting))
+
+
+def make_method(name: str, fold: int, setting: int, fob_pattern: str = FOB_WEIGHTS_PATTERN):
+    """The generator for ``name`` on ``fold``; for fob the fold's model, or None when its weights are absent."""
+    from .prompts import make_generator
+
+    if name == "fob":
+        path = fob_weights_path(fob_pattern, fold, setting)
+        if not path.exists():
+            return None
+        from .prompts.fob import FoBGenerator
+
+        return FoBGenerator(weights=str(path))
+    return make_generator(name)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Protocols
+# ----------------------------------------------------------------------------------------------------
+def _decode_model_mask(backend, emb, prompts, valid) -> np.ndarray:
+    if prompts.is_empty:
+        return np.zeros(valid.shape, bool)
+    return backend.decode(emb, prompts).logits > 0
+
+
+def fewshot_volume(store: CaseStore, generator, support_case: Case, query_case: Case, organ: int
+                   ) -> tuple[float, int, float]:
+    """Dice (%) of one query volume for one organ under the fewshot protocol, the number of evaluated
+    slices and the seconds spent generating and decoding."""
+    from .prompts.base import QueryContext, Support
+
+    backend = store.backend
+    spv, qpv = support_case.prepared, query_case.prepared
+    sup_idx = support_slice_indices(organ_slices(support_case.label, organ))
+    supports = [Support(store.embedding(support_case, i), spv.mask_to_model(support_case.label[i] == organ), i)
+                for i in sup_idx]
+    q_slices = organ_slices(query_case.label, organ)
+    pred = np.zeros((len(q_slices),) + query_case.label.shape[1:], bool)
+    truth = query_case.label[q_slices] == organ
+    seconds = 0.0
+    k = 0
+    for j, chunk in enumerate(query_chunks(q_slices)):
+        for q in chunk:
+            emb = store.embedding(query_case, q)
+            t0 = time.perf_counter()
+            ctx = QueryContext(None, qpv.valid, q, 0)
+            prompts = generator.generate(supports[j], emb, ctx, backend)
+            if prompts.is_empty:
+                logits = np.full(qpv.valid.shape, -20.0, np.float32)
+            else:
+                logits = np.where(qpv.valid, backend.decode(emb, prompts).logits, -20.0)
+            pred[k] = qpv.frame.to_native(logits) > 0
+            seconds += time.perf_counter() - t0
+            k += 1
+    return dice(pred, truth), len(q_slices), seconds
+
+
+def product_volume(store: CaseStore, generator, case: Case, organ: int) -> dict:
+    """Product protocol on one volume and organ: Dice (%), slices outside the true extent, missed slices."""
+    from .engine import VolumeSession
+
+    sl = organ_slices(case.label, organ)
+    painted = int(sl[len(sl) // 2])
+    truth = case.label == organ
+    example = np.zeros_like(truth)
+    example[painted] = truth[painted]
+    session = VolumeSession(case.image, case.spacing, sam=store.backend, intensity=case.prepared.intensity,
+                            cache=store.cache)
+    t0 = time.perf_counter()
+    res = session.segment(example, generator=generator, extent="auto", axis=0)
+    seconds = time.perf_counter() - t0
+    seg = set(res.segmented_slices)
+    true = set(int(s) for s in sl)
+    others = np.ones(len(truth), bool)
+    others[painted] = False
+    return {"dice": dice(res.mask, truth), "dice_without_painted": dice(res.mask[others], truth[others]),
+            "outside": len(seg - true), "missed": len(true - seg), "slices": len(seg | true),
+            "seconds": seconds, "painted": painted}
+
+
+def evaluate(store: CaseStore, protocol: str, methods: Sequence[str], folds: dict[int, list[int]], setting: int,
+             organs: Sequence[int] = tuple(ORGANS), fob_pattern: str = FOB_WEIGHTS_PATTERN,
+             progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Run ``protocol`` for ``methods`` over ``folds`` ({fold: [volume ids], support at position 2}).
+
+    Returns the JSON-ready result (see the module docstring and ``summarise``).
+    """
+    if protocol not in ("fewshot", "product"):
+        raise UserInputError(f"Unknown protocol '{protocol}'; use fewshot or product.")
+    out = {"protocol": protocol, "setting": int(setting), "sam": store.backend.name,
+           "folds": {str(k): v for k, v in folds.items()}, "organs": [ORGANS[o] for o in organs],
+           "methods": {}, "skipped": {}}
+    for name in methods:
+        records = []
+        seconds = 0.0
+        n_slices = 0
+        for fold, ids in folds.items():
+            gen = make_method(name, fold, setting, fob_pattern)
+            if gen is None:
+                msg = (f"no FoB weights at {fob_weights_path(fob_pattern, fold, setting)} (train the fold's model "
+                       "first or pass --fob-weights)")
+                log.warning("skipping %s: %s", name, msg)
+                out["skipped"][name] = msg
+                records = None
+                break
+            if protocol == "fewshot":
+                support = store.get(ids[SUPPORT_POSITION])
+                queries = [i for k, i in enumerate(ids) if k != SUPPORT_POSITION]
+                for organ in organs:
+                    for qid in queries:
+                        d, n, s = fewshot_volume(store, gen, support, store.get(qid), organ)
+                        records.append({"fold": fold, "volume": qid, "support": support.id,
+                                        "organ": ORGANS[organ], "dice": round(d, 4), "slices": n})
+                        seconds += s
+                        n_slices += n
+                        if progress:
+                            progress(f"{name} fold {fold} {ORGANS[organ]} volume {qid}: Dice {d:.2f}")
+            else:
+                for organ in organs:
+                    for vid in ids:
+                        r = product_volume(store, gen, store.get(vid), organ)
+                        seconds += r.pop("seconds")
+                        n_slices += r["slices"]
+                        records.append({"fold": fold, "volume": vid, "organ": ORGANS[organ],
+                                        **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}})
+                        if progress:
+                            progress(f"{name} fold {fold} {ORGANS[organ]} volume {vid}: Dice {r['dice']:.2f}")
+        if records is None:
+            continue
+        out["methods"][name] = summarise(records, seconds / max(1, n_slices), [ORGANS[o] for o in organs])
+    return out
+
+
+def summarise(records: list[dict], s_per_slice: float, organ_names: Sequence[str]) -> dict:
+    """Per-fold, per-organ and overall means (Dice %) of per-volume records, std over folds."""
+    folds = sorted({r["fold"] for r in records})
+    fold_rows = []
+    for f in folds:
+        per = {}
+        for o in organ_names:
+            v = [r["dice"] for r in records if r["fold"] == f and r["organ"] == o]
+            if v:
+                per[o] = float(np.mean(v))
+        row = {"fold": f, "mean": float(np.mean(list(per.values()))), "per_organ": per}
+        if "outside" in records[0]:
+            sel = [r for r in records if r["fold"] == f]
+            row["outside_per_volume"] = float(np.mean([r["outside"] for r in sel]))
+            row["missed_per_volume"] = float(np.mean([r["missed"] for r in sel]))
+        fold_rows.append(row)
+    means = [r["mean"] for r in fold_rows]
+    per_organ = {o: float(np.mean([r["per_organ"][o] for r in fold_rows if o in r["per_organ"]]))
+                 for o in organ_names}
+    per_organ_std = {o: float(np.std([r["per_organ"][o] for r in fold_rows if o in r["per_organ"]]))
+                     for o in organ_names}
+    res = {"mean": float(np.mean(means)), "std_over_folds": float(np.std(means)), "per_organ": per_organ,
+           "per_organ_std_over_folds": per_organ_std, "folds": fold_rows, "volumes": records,
+           "s_per_slice": float(s_per_slice)}
+    if "outside" in records[0]:
+        res["outside_per_volume"] = float(np.mean([r["outside"] for r in records]))
+        res["missed_per_volume"] = float(np.mean([r["missed"] for r in records]))
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reports
+# ----------------------------------------------------------------------------------------------------
+def markdown_table(result: dict) -> str:
+    """Method x organ table (mean +- std over folds), with the mean, seconds per slice and, for the
+    product protocol, slices outside the extent and missed per volume."""
+    organs = result["organs"]
+    product = result["protocol"] == "product"
+    head = ["Method"] + [o.replace("_", " ") for o in organs] + ["Mean", "s/slice"]
+    if product:
+        head += ["outside/vol", "missed/vol"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in result["methods"].items():
+        cells = [name] + [f"{m['per_organ'][o]:.2f} ± {m['per_organ_std_over_folds'][o]:.2f}" for o in organs]
+        cells += [f"**{m['mean']:.2f} ± {m['std_over_folds']:.2f}**", f"{m['s_per_slice']:.3f}"]
+        if product:
+            cells += [f"{m['outside_per_volume']:.2f}", f"{m['missed_per_volume']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    folds = ", ".join(f"fold {k}: {v}" for k, v in result["folds"].items())
+    lines.append("")
+    lines.append(f"Protocol `{result['protocol']}`, setting {result['setting']}, SAM backend `{result['sam']}`; "
+                 f"Dice % (mean ± std over folds); volumes per fold (support at position 2): {folds}.")
+    for name, why in result.get("skipped", {}).items():
+        lines.append(f"Skipped `{name}`: {why}.")
+    per_fold = ["", "| Method | " + " | ".join(f"fold {r['fold']}" for r in next(iter(result["methods"].values()))["folds"])
+                + " |" if result["methods"] else ""]
+    if result["methods"]:
+        first = next(iter(result["methods"].values()))
+        per_fold.append("|" + "---|" * (1 + len(first["folds"])))
+        for name, m in result["methods"].items():
+            per_fold.append(f"| {name} | " + " | ".join(f"{r['mean']:.2f}" for r in m["folds"]) + " |")
+        lines += per_fold
+    return "\n".join(lines) + "\n"
+
+
+def write_report_section(path: str | Path, result: dict) -> None:
+    """Replace (or append) the marked section of this protocol/setting in a Markdown file."""
+    p = Path(path)
+    tag = f"evaluate:{result['protocol']}:setting{result['setting']}"
+    start, end = f"<!-- {tag} -->", f"<!-- /{tag} -->"
+    block = f"{start}\n{markdown_table(result)}{end}\n"
+    text = p.read_text() if p.exists() else ""
+    if start in text and end in text:
+        a = text.index(start)
+        b = text.index(end) + len(end)
+        text = text[:a] + block.rstrip("\n") + text[b:]
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text else "") + block
+    p.write_text(text)
+
+
+def plot(result: dict, path: str | Path) -> None:
+    """Grouped bar chart (method x organ + mean, with std over folds) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    organs = result["organs"]
+    names = list(result["methods"])
+    groups = organs + ["mean"]
+    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(groups), 4.5))
+    width = 0.8 / max(1, len(names))
+    for i, n in enumerate(names):
+        m = result["methods"][n]
+        vals = [m["per_organ"][o] for o in organs] + [m["mean"]]
+        errs = [m["per_organ_std_over_folds"][o] for o in organs] + [m["std_over_folds"]]
+        ax.bar(np.arange(len(groups)) + (i - (len(names) - 1) / 2) * width, vals, width, yerr=errs, capsize=2,
+               label=n)
+    ax.set_xticks(np.arange(len(groups)))
+    ax.set_xticklabels([g.replace("_", " ") for g in groups])
+    ax.set_ylabel("Dice %")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"CHAOS, {result['protocol']} protocol, setting {result['setting']}, {result['sam']}")
+    ax.legend(fontsize=8, ncol=min(3, len(names)))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``python -m FewShotSAMLib evaluate``."""
+    parser.add_argument("--data", required=True, help="folder with image_<id>.nii.gz and label_<id>.nii.gz (CHAOS T2)")
+    parser.add_argument("--protocol", default="fewshot", choices=["fewshot", "product"])
+    parser.add_argument("--methods", default=",".join(TRAINING_FREE),
+                        help="comma-separated generators: fob,persam,p2sam,synpo,boxprop,coarse")
+    parser.add_argument("--folds", default="0-4", help="folds to run, e.g. 0-4 or 0,2")
+    parser.add_argument("--setting", type=int, default=1, choices=[1, 2], help="1 or 2 (which FoB models)")
+    parser.add_argument("--organs", default="1,2,3,4", help="labels to evaluate (1 liver, 2 right kidney, "
+                        "3 left kidney, 4 spleen)")
+    parser.add_argument("--sam", default="litemedsam", help="SAM backend name")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--cache-dir", default=".cache/embeddings", help="persistent embedding cache")
+    parser.add_argument("--fob-weights", default=FOB_WEIGHTS_PATTERN,
+                        help="FoB weights path pattern with {fold} and {setting}")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--json", required=True, help="output JSON with every per-volume Dice")
+    parser.add_argument("--report", help="Markdown file whose marked table section is written/replaced")
+    parser.add_argument("--plot", help="output PNG bar chart")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the evaluation described by ``args``; returns the exit code."""
+    import torch
+
+    from .prompts import GENERATORS
+    from .sam import load_backend
+    from .sam.cache import EmbeddingCache
+    from .volume import check_output_path
+
+    if args.threads:
+        torch.set_num_threads(int(args.threads))
+    methods = [m.strip().lower() for m in str(args.methods).split(",") if m.strip()]
+    unknown = [m for m in methods if m not in GENERATORS]
+    if unknown or not methods:
+        raise UserInputError(f"Unknown method(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(GENERATORS)}.")
+    try:
+        organs = [int(o) for o in str(args.organs).split(",") if o.strip()]
+    except ValueError:
+        raise UserInputError(f"--organs '{args.organs}' must be label numbers such as 1,2,3,4.") from None
+    if not organs or any(o not in ORGANS for o in organs):
+        raise UserInputError(f"--organs '{args.organs}' must be among 1,2,3,4.")
+    check_output_path(args.json, "JSON output")
+    for extra in (args.report, args.plot):
+        if extra:
+            check_output_path(extra)
+    cases = list_cases(args.data)
+    ids = [c[0] for c in cases]
+    folds = {f: fold_volume_ids(ids, f) for f in parse_folds(args.folds)}
+    backend = load_backend(args.sam, args.device)
+    cache = EmbeddingCache(backend, cap_bytes=256 << 20, persist_dir=args.cache_dir)
+    store = CaseStore(cases, backend, cache)
+    t0 = time.perf_counter()
+    result = evaluate(store, args.protocol, methods, folds, args.setting, organs, args.fob_weights,
+                      progress=lambda msg: log.info("%s", msg))
+    result["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    result["encoded_slices"] = cache.encoded
+    result["setting_definition"] = SETTINGS[int(args.setting)]
+    Path(args.json).write_text(json.dumps(result, indent=1))
+    if args.report:
+        write_report_section(args.report, result)
+    if args.plot and result["methods"]:
+        plot(result, args.plot)
+    for name, m in result["methods"].items():
+        log.info("%s: %.2f ± %.2f Dice %% (%s), %.3f s/slice", name, m["mean"], m["std_over_folds"],
+                 ", ".join(f"{k} {v:.1f}" for k, v in m["per_organ"].items()), m["s_per_slice"])
+    log.info("wall time %.1f s, %d slices encoded", result["wall_seconds"], cache.encoded)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Stand-alone entry point (the project CLI registers ``evaluate`` with add_arguments/run)."""
+    parser = argparse.ArgumentParser(prog="python -m FewShotSAMLib.evaluate", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        return run(args)
+    except UserInputError as exc:
+        log.error("error: %s", exc)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
