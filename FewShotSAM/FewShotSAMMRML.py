@@ -32,7 +32,7 @@ def _make_library_importable() -> None:
     """From the source tree the library is the module folder's sibling; when built it is installed
     beside this file. Add whichever folder holds it to sys.path when it is not importable yet."""
     try:
-        import FewShotSAMLib  # noqa: F401
+        import FewShotSAMLib  # noqa: F401 - only checks that it is importable
         return
     except ImportError:
         pass
@@ -45,7 +45,7 @@ def _make_library_importable() -> None:
 
 _make_library_importable()
 
-from FewShotSAMLib.errors import CancelledError, UserInputError  # noqa: E402
+from FewShotSAMLib.errors import CancelledError, UserInputError  # noqa: E402,F401 - re-exported for the module
 
 log = logging.getLogger(__name__)
 
@@ -537,10 +537,12 @@ class PromptEditor:
     writes those slices into the segment. ``on_rerun(slices, seconds)`` is told after each re-run."""
 
     def __init__(self, state: OutputState, undo: UndoStack,
-                 on_rerun: Optional[Callable[[list, float], None]] = None) -> None:
+                 on_rerun: Optional[Callable[[list, float], None]] = None,
+                 busy: Optional[Callable[[], bool]] = None) -> None:
         self.state = state
         self.undo = undo
         self.on_rerun = on_rerun
+        self.busy = busy  # True while a whole-volume run uses the model in a worker thread
         self._tags: list = []
         self._interacting: set = set()
         self._blocked = 0
@@ -618,7 +620,10 @@ class PromptEditor:
         return sorted(k for k in set(now) | set(before) if not now.get(k, empty).same_as(before.get(k, empty)))
 
     def sync(self) -> list:
-        """Re-run the slices whose points changed; returns them."""
+        """Re-run the slices whose points changed; returns them. While a whole-volume run is busy the
+        edit waits (it is picked up by the next edit or by Re-run all)."""
+        if self.busy is not None and self.busy():
+            return []
         changed = self.changed_slices()
         if changed:
             self.rerun(changed, "edit of the prompt points")
@@ -765,6 +770,7 @@ class SegmentFromExampleLogic:
         self.on_rerun: Optional[Callable[[list, float], None]] = None
         self.last_result = None
         self.last_generator = ""
+        self.busy = False
 
     # ---- sessions -------------------------------------------------------------------------------
     def session_for(self, volume_node, image: np.ndarray, sam: str = "litemedsam", device: str = "auto"):
@@ -794,6 +800,13 @@ class SegmentFromExampleLogic:
         """Run ``work(progress, cancel)``; in a worker thread while pumping GUI events when asked."""
         if self.pump_events is None:
             return work(progress, cancel)
+        self.busy = True
+        try:
+            return self._run_in_worker(work, progress, cancel)
+        finally:
+            self.busy = False
+
+    def _run_in_worker(self, work: Callable, progress, cancel):
         shared = {"done": 0, "total": 0, "shown": None}
         stop = threading.Event()
         outcome: dict = {}
@@ -910,7 +923,7 @@ class SegmentFromExampleLogic:
                     node.SetAttribute(ATTRIBUTE_PREFIX + "Segment", out_id)
                     place_beside_volume(node, volumeNode)
             write_prompt_points(state.fg_node, state.bg_node, volumeNode, points)
-        editor = PromptEditor(state, self.undo_stack, self._rerun_done)
+        editor = PromptEditor(state, self.undo_stack, self._rerun_done, lambda: self.busy)
         key = (segmentationNode.GetID(), out_id)
         self.editors[key] = editor
         if showPrompts:
