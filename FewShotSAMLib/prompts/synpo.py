@@ -62,6 +62,16 @@ class SynPo:
         mu, sigma = float(conf.mean()), float(conf.std())
         return mu - self.alpha * sigma, mu - self.beta * sigma
 
+    def negative_candidates(self, conf: np.ndarray, low: float, high: float, valid_grid: np.ndarray) -> np.ndarray:
+        """(M, 2) grid cells whose confidence lies in [low, high], at most gamma_neg * k_neg drawn at random
+        (fixed seed)."""
+        band_rc = np.argwhere(valid_grid & (conf >= low) & (conf <= high)).astype(np.float64)
+        cap = self.gamma_neg * self.k_neg
+        if len(band_rc) > cap:
+            rng = np.random.default_rng(self.seed)
+            band_rc = band_rc[np.sort(rng.choice(len(band_rc), cap, replace=False))]
+        return band_rc
+
     def points(self, summ: F.SupportSummary, support_embedding, conf: np.ndarray, valid_grid: np.ndarray,
                size: int) -> tuple[np.ndarray, np.ndarray]:
         """Model-frame positive and negative points from a query confidence map ``conf`` (h, w)."""
@@ -71,14 +81,9 @@ class SynPo:
         top_rc = np.stack(np.unravel_index(top, conf.shape), 1).astype(np.float64)
         pos_c, _ = F.kmeans_pp(top_rc, self.k_pos, seed=self.seed)
         lo, hi = self.negative_band(summ, support_embedding)
-        band = valid_grid & (conf >= lo) & (conf <= hi)
-        band_rc = np.argwhere(band).astype(np.float64)
+        band_rc = self.negative_candidates(conf, lo, hi, valid_grid)
         neg_c = np.zeros((0, 2))
         if len(band_rc):
-            cap = self.gamma_neg * self.k_neg
-            if len(band_rc) > cap:
-                rng = np.random.default_rng(self.seed)
-                band_rc = band_rc[np.sort(rng.choice(len(band_rc), cap, replace=False))]
             neg_c, _ = F.kmeans_pp(band_rc, self.k_neg, seed=self.seed)
         return F.grid_to_model_points(pos_c, summ.grid, size), F.grid_to_model_points(neg_c, summ.grid, size)
 

@@ -1,0 +1,132 @@
+"""Tests of the evaluation harness: folds, supports, chunks, Dice, aggregation, JSON/Markdown/PNG output,
+and one small real-data run (skipped without the CHAOS data)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from FewShotSAMLib import evaluate as E
+from FewShotSAMLib.errors import UserInputError
+
+from conftest import CHAOS_DIR, require
+
+IDS = [1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22, 31, 32, 33, 34, 36, 37, 38, 39]
+
+
+def test_folds_follow_the_standard_split():
+    assert E.fold_volume_ids(IDS, 0) == [1, 2, 3, 5, 8]
+    assert E.fold_volume_ids(IDS, 1) == [8, 10, 13, 15, 19]
+    assert E.fold_volume_ids(list(reversed(IDS)), 4) == [36, 37, 38, 39, 1]  # sorted first, wraps to 0
+    for f in range(5):
+        assert len(E.fold_volume_ids(IDS, f)) == 5
+    assert E.parse_folds("0-4") == [0, 1, 2, 3, 4] and E.parse_folds("3,1") == [1, 3]
+    with pytest.raises(UserInputError):
+        E.parse_folds("7")
+    with pytest.raises(UserInputError):
+        E.parse_folds("a-b")
+    with pytest.raises(UserInputError):
+        E.fold_volume_ids(IDS[:10], 3)
+
+
+def test_support_slices_and_chunks():
+    assert E.support_slice_indices(list(range(10, 22))) == [12, 16, 20]  # n=12: positions 2, 6, 10
+    assert E.support_slice_indices([7]) == [7, 7, 7]
+    chunks = E.query_chunks(list(range(5, 15)))
+    assert [len(c) for c in chunks] == [4, 3, 3]
+    assert sum(chunks, []) == list(range(5, 15))
+    label = np.zeros((6, 4, 4), np.uint8)
+    label[2:5, 1, 1] = 3
+    np.testing.assert_array_equal(E.organ_slices(label, 3), [2, 3, 4])
+
+
+def test_dice():
+    a = np.zeros((4, 4), bool)
+    b = np.zeros((4, 4), bool)
+    assert E.dice(a, b) == 100.0
+    a[0, :2] = True
+    b[0, 1:3] = True
+    assert E.dice(a, b) == pytest.approx(50.0)
+    assert E.dice(a, ~a) == 0.0
+
+
+def records():
+    out = []
+    for fold in (0, 1):
+        for organ in E.ORGANS.values():
+            for vol, d in ((1, 60.0 + fold * 10), (2, 80.0 + fold * 10)):
+                out.append({"fold": fold, "volume": vol, "organ": organ, "dice": d, "slices": 3})
+    return out
+
+
+def test_summarise_and_reports(tmp_path):
+    m = E.summarise(records(), 0.25, list(E.ORGANS.values()))
+    assert m["folds"][0]["mean"] == pytest.approx(70.0) and m["folds"][1]["mean"] == pytest.approx(80.0)
+    assert m["mean"] == pytest.approx(75.0) and m["std_over_folds"] == pytest.approx(5.0)
+    assert set(m["per_organ"]) == {"liver", "right_kidney", "left_kidney", "spleen"}
+    assert m["per_organ"]["liver"] == pytest.approx(75.0)
+    result = {"protocol": "fewshot", "setting": 1, "sam": "litemedsam", "folds": {"0": IDS[:5], "1": IDS[4:9]},
+              "organs": list(E.ORGANS.values()), "methods": {"coarse": m}, "skipped": {"fob": "no weights"}}
+    table = E.markdown_table(result)
+    assert "| coarse | 75.00 ± 5.00 |" in table and "**75.00 ± 5.00**" in table and "Skipped `fob`" in table
+    report = tmp_path / "R.md"
+    report.write_text("# Results\n\nhand-written text\n")
+    E.write_report_section(report, result)
+    result["methods"]["coarse"]["mean"] = 12.5
+    E.write_report_section(report, result)  # replaces, never duplicates
+    text = report.read_text()
+    assert text.count("<!-- evaluate:fewshot:setting1 -->") == 1 and "**12.50" in text and "hand-written" in text
+    png = tmp_path / "r.png"
+    E.plot(result, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fob_is_skipped_without_weights(tmp_path):
+    assert E.make_method("fob", 0, 1, str(tmp_path / "fold{fold}" / "s{setting}.pt")) is None
+    assert E.fob_weights_path(E.FOB_WEIGHTS_PATTERN, 3, 2).as_posix() == ".cache/fob/setting2/fold3/fob.pt"
+
+
+def test_cli_rejects_bad_input(tmp_path):
+    parser = argparse.ArgumentParser()
+    E.add_arguments(parser)
+    args = parser.parse_args(["--data", str(tmp_path / "nope"), "--json", str(tmp_path / "o.json")])
+    with pytest.raises(UserInputError):
+        E.run(args)
+    args = parser.parse_args(["--data", str(tmp_path), "--json", str(tmp_path / "o.json"), "--methods", "magic"])
+    with pytest.raises(UserInputError):
+        E.run(args)
+
+
+def test_real_fewshot_small_is_deterministic(litemedsam, tmp_path):
+    """Volumes 1, 2, 3 as one fold (support = volume 3), right kidney, coarse prompts, twice."""
+    require(CHAOS_DIR)
+    from FewShotSAMLib.sam.cache import EmbeddingCache
+
+    cache = EmbeddingCache(litemedsam, cap_bytes=64 << 20, persist_dir=E.Path(__file__).resolve().parents[1] / ".cache" / "embeddings")
+    store = E.CaseStore(E.list_cases(CHAOS_DIR), litemedsam, cache)
+    runs = [E.evaluate(store, "fewshot", ["coarse"], {0: [1, 2, 3]}, 1, organs=[2]) for _ in range(2)]
+    res = runs[0]
+    m = res["methods"]["coarse"]
+    assert res["protocol"] == "fewshot" and res["sam"] == "litemedsam"
+    assert [v["volume"] for v in m["volumes"]] == [1, 2] and all(v["support"] == 3 for v in m["volumes"])
+    assert all(0.0 <= v["dice"] <= 100.0 for v in m["volumes"]) and m["s_per_slice"] > 0
+    assert [v["slices"] for v in m["volumes"]] == [14, 14]
+    assert m["mean"] == pytest.approx(np.mean([v["dice"] for v in m["volumes"]]))
+    assert runs[1]["methods"]["coarse"]["volumes"] == m["volumes"]
+    json.dumps(res)  # JSON-ready
+
+
+def test_real_product_one_volume(litemedsam):
+    """Product protocol on volume 1, right kidney, boxprop: painted slice kept, counts consistent."""
+    require(CHAOS_DIR)
+    from FewShotSAMLib.sam.cache import EmbeddingCache
+
+    cache = EmbeddingCache(litemedsam, cap_bytes=64 << 20, persist_dir=E.Path(__file__).resolve().parents[1] / ".cache" / "embeddings")
+    store = E.CaseStore(E.list_cases(CHAOS_DIR), litemedsam, cache)
+    r = E.product_volume(store, E.make_method("boxprop", 0, 1), store.get(1), 2)
+    assert 0 <= r["dice_without_painted"] <= r["dice"] <= 100  # a perfect painted slice can only raise Dice
+    assert r["missed"] < 14 and r["outside"] >= 0 and r["slices"] >= 14 - r["missed"]
+    assert r["dice"] > 30  # box propagation on the same volume follows a kidney for several slices
