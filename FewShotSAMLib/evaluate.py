@@ -270,54 +270,60 @@ def product_volume(store: CaseStore, generator, case: Case, organ: int) -> dict:
 
 def evaluate(store: CaseStore, protocol: str, methods: Sequence[str], folds: dict[int, list[int]], setting: int,
              organs: Sequence[int] = tuple(ORGANS), fob_pattern: str = FOB_WEIGHTS_PATTERN,
-             progress: Optional[Callable[[str], None]] = None) -> dict:
+             progress: Optional[Callable[[str], None]] = None,
+             on_fold: Optional[Callable[[dict], None]] = None) -> dict:
     """Run ``protocol`` for ``methods`` over ``folds`` ({fold: [volume ids], support at position 2}).
 
-    Returns the JSON-ready result (see the module docstring and ``summarise``).
+    Folds are the outer loop (every method on fold k before fold k+1), so ``on_fold(partial_result)``
+    can save the folds finished so far. Returns the JSON-ready result (see ``summarise``).
     """
     if protocol not in ("fewshot", "product"):
         raise UserInputError(f"Unknown protocol '{protocol}'; use fewshot or product.")
     out = {"protocol": protocol, "setting": int(setting), "sam": store.backend.name,
            "folds": {str(k): v for k, v in folds.items()}, "organs": [ORGANS[o] for o in organs],
-           "methods": {}, "skipped": {}}
-    for name in methods:
-        records = []
-        seconds = 0.0
-        n_slices = 0
-        for fold, ids in folds.items():
+           "methods": {}, "skipped": {}, "complete": False}
+    records: dict[str, list] = {m: [] for m in methods}
+    seconds = {m: 0.0 for m in methods}
+    n_slices = {m: 0 for m in methods}
+    for fold, ids in folds.items():
+        for name in methods:
+            if name in out["skipped"]:
+                continue
             gen = make_method(name, fold, setting, fob_pattern)
             if gen is None:
                 msg = (f"no FoB weights at {fob_weights_path(fob_pattern, fold, setting)} (train the fold's model "
                        "first or pass --fob-weights)")
                 log.warning("skipping %s: %s", name, msg)
                 out["skipped"][name] = msg
-                records = None
-                break
+                continue
             if protocol == "fewshot":
                 support = store.get(ids[SUPPORT_POSITION])
                 queries = [i for k, i in enumerate(ids) if k != SUPPORT_POSITION]
                 for organ in organs:
                     for qid in queries:
-                        d, n, s = fewshot_volume(store, gen, support, store.get(qid), organ)
-                        records.append({"fold": fold, "volume": qid, "support": support.id,
-                                        "organ": ORGANS[organ], "dice": round(d, 4), "slices": n})
-                        seconds += s
-                        n_slices += n
+                        d, n, sec = fewshot_volume(store, gen, support, store.get(qid), organ)
+                        records[name].append({"fold": fold, "volume": qid, "support": support.id,
+                                              "organ": ORGANS[organ], "dice": round(d, 4), "slices": n})
+                        seconds[name] += sec
+                        n_slices[name] += n
                         if progress:
                             progress(f"{name} fold {fold} {ORGANS[organ]} volume {qid}: Dice {d:.2f}")
             else:
                 for organ in organs:
                     for vid in ids:
                         r = product_volume(store, gen, store.get(vid), organ)
-                        seconds += r.pop("seconds")
-                        n_slices += r["slices"]
-                        records.append({"fold": fold, "volume": vid, "organ": ORGANS[organ],
-                                        **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}})
+                        seconds[name] += r.pop("seconds")
+                        n_slices[name] += r["slices"]
+                        records[name].append({"fold": fold, "volume": vid, "organ": ORGANS[organ],
+                                              **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}})
                         if progress:
                             progress(f"{name} fold {fold} {ORGANS[organ]} volume {vid}: Dice {r['dice']:.2f}")
-        if records is None:
-            continue
-        out["methods"][name] = summarise(records, seconds / max(1, n_slices), [ORGANS[o] for o in organs])
+        out["methods"] = {m: summarise(records[m], seconds[m] / max(1, n_slices[m]), [ORGANS[o] for o in organs])
+                          for m in methods if records[m]}
+        out["folds_done"] = sorted({r["fold"] for rs in records.values() for r in rs})
+        if on_fold:
+            on_fold(out)
+    out["complete"] = True
     return out
 
 
@@ -487,8 +493,12 @@ def run(args: argparse.Namespace) -> int:
     cache = EmbeddingCache(backend, cap_bytes=256 << 20, persist_dir=args.cache_dir)
     store = CaseStore(cases, backend, cache)
     t0 = time.perf_counter()
+    def save_partial(partial: dict) -> None:
+        Path(args.json).write_text(json.dumps({**partial, "wall_seconds": round(time.perf_counter() - t0, 1)}, indent=1))
+        log.info("folds done: %s (partial results in %s)", partial["folds_done"], args.json)
+
     result = evaluate(store, args.protocol, methods, folds, args.setting, organs, args.fob_weights,
-                      progress=lambda msg: log.info("%s", msg))
+                      progress=lambda msg: log.info("%s", msg), on_fold=save_partial)
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)
     result["encoded_slices"] = cache.encoded
     result["setting_definition"] = SETTINGS[int(args.setting)]

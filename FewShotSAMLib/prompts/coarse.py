@@ -26,7 +26,9 @@ class CoarseMaskPrompts:
 
     name = "coarse"
 
-    def __init__(self, threshold: float = 0.5, min_area: int = 16, presence_midpoint: float = 0.5) -> None:
+    def __init__(self, threshold: float = 0.5, min_area: int = 16, presence_midpoint: float = 0.5,
+                 region: str = "level") -> None:
+        self.region = region
         self.threshold = float(threshold)
         self.min_area = int(min_area)
         self.presence_midpoint = float(presence_midpoint)
@@ -63,7 +65,8 @@ class CoarseMaskPrompts:
         summ = F.summarise_support(support.embedding, support.mask, context.valid)
         sim = F.cosine_similarity(query, summ.prototype)
         sim_model = F.upsample_to_model(sim, S)
-        comps = self.component_prompts(sim_model, F.threshold_level(summ.levels, self.threshold), context.valid)
+        thr = F.coarse_threshold(sim_model, summ.levels, support.mask.sum(), context.valid, self.region, self.threshold)
+        comps = self.component_prompts(sim_model, thr, context.valid)
         if not comps:
             return Prompts(presence=0.0)
         prompts, comp, _ = comps[0]

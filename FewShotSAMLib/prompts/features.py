@@ -365,3 +365,30 @@ def best_component(mask: np.ndarray, score_model: np.ndarray) -> np.ndarray:
     counts = np.bincount(labels.reshape(-1), minlength=n + 1)
     means = sums[1:] / np.maximum(counts[1:], 1)
     return labels == int(np.argmax(means)) + 1
+
+
+def area_threshold(sim_model: np.ndarray, area: float, valid: Optional[np.ndarray] = None) -> float:
+    """The similarity value above which ``area`` pixels of ``sim_model`` lie (inside ``valid``): the
+    threshold that gives a coarse region the support mask's size (a size prior from the support)."""
+    vals = np.asarray(sim_model)[np.asarray(valid, bool)] if valid is not None else np.asarray(sim_model).reshape(-1)
+    k = int(np.clip(round(area), 1, vals.size))
+    return float(np.partition(vals, vals.size - k)[vals.size - k])
+
+
+REGION_RULES = ("area", "level")
+
+
+def coarse_threshold(sim_model: np.ndarray, levels: SimilarityLevels, support_area: float,
+                     valid: Optional[np.ndarray] = None, rule: str = "area", relative: float = 0.5) -> float:
+    """Threshold of a query similarity map into a coarse target region.
+
+    ``rule="area"``: the value above which as many pixels lie as the support mask has (``area_threshold``),
+    never below the half-way ``level``; ``rule="level"``: ``relative`` of the way from the support's
+    background to its foreground similarity level (``threshold_level``).
+    """
+    level = threshold_level(levels, relative)
+    if rule == "level":
+        return level
+    if rule == "area":
+        return max(level, area_threshold(sim_model, support_area, valid))
+    raise ValueError(f"unknown region rule {rule!r}; use one of {REGION_RULES}")

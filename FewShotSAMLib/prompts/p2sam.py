@@ -34,7 +34,8 @@ class P2SAM:
     name = "p2sam"
 
     def __init__(self, parts: Sequence[int] = (1, 2, 3), region_threshold: float = 0.5,
-                 presence_midpoint: float = 0.5, seed: int = 0) -> None:
+                 presence_midpoint: float = 0.5, seed: int = 0, region: str = "level") -> None:
+        self.region = region
         self.parts = tuple(int(n) for n in parts)
         if not self.parts or min(self.parts) < 1:
             raise ValueError("parts must be positive integers")
@@ -92,7 +93,8 @@ class P2SAM:
             box = None
             if backend.prefers_box:
                 region = np.zeros((S, S), bool)
-                thr = F.threshold_level(summ.levels, self.region_threshold)
+                thr = F.coarse_threshold(sim_model, summ.levels, support.mask.sum(), context.valid, self.region,
+                                         self.region_threshold)
                 for p in pos:
                     region |= F.region_around(sim_model, thr, p, context.valid)
                 box = mask_box(region)

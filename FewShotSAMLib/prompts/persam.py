@@ -29,8 +29,9 @@ class PerSAM:
 
     name = "persam"
 
-    def __init__(self, region_threshold: float = 0.5, presence_midpoint: float = 0.5) -> None:
+    def __init__(self, region_threshold: float = 0.5, presence_midpoint: float = 0.5, region: str = "level") -> None:
         self.region_threshold = float(region_threshold)
+        self.region = region
         self.presence_midpoint = float(presence_midpoint)
 
     def generate(self, support: Support, query, context: QueryContext, backend) -> Prompts:
@@ -48,8 +49,8 @@ class PerSAM:
         box1 = None
         if backend.prefers_box:
             sim_model = F.upsample_to_model(sim, S)
-            region = F.region_around(sim_model, F.threshold_level(summ.levels, self.region_threshold), pos[0],
-                                     context.valid)
+            region = F.region_around(sim_model, F.coarse_threshold(sim_model, summ.levels, support.mask.sum(), context.valid,
+                                                                  self.region, self.region_threshold), pos[0], context.valid)
             box1 = mask_box(region)
         first = backend.decode(query, Prompts(pos, neg, box1), multimask=box1 is None)
         mask1 = first.mask & context.valid

@@ -37,7 +37,8 @@ class SynPo:
 
     def __init__(self, k_pos: int = 3, k_neg: int = 5, gamma_pos: int = 10, gamma_neg: int = 10,
                  alpha: float = 0.0, beta: float = -1.5, opening_radius: int = 2, region_threshold: float = 0.5,
-                 presence_midpoint: float = 0.5, seed: int = 0) -> None:
+                 presence_midpoint: float = 0.5, seed: int = 0, region: str = "level") -> None:
+        self.region = region
         if alpha < beta:
             raise ValueError("alpha must be >= beta so that [mu - alpha*sigma, mu - beta*sigma] is an interval")
         self.k_pos, self.k_neg = int(k_pos), int(k_neg)
@@ -107,9 +108,10 @@ class SynPo:
             s_conf = self.confidence(summ, support.embedding)
             levels = F.SimilarityLevels.from_support(s_conf, summ.weights, valid_grid)
             region = np.zeros((S, S), bool)
+            thr = F.coarse_threshold(conf_model, levels, support.mask.sum(), context.valid, self.region,
+                                     self.region_threshold)
             for p in pos:
-                region |= F.region_around(conf_model, F.threshold_level(levels, self.region_threshold), p,
-                                          context.valid)
+                region |= F.region_around(conf_model, thr, p, context.valid)
             box = mask_box(region)
         first = backend.decode(query, Prompts(pos, neg, box), multimask=box is None)
         refined = self.refine(first.mask & context.valid, conf_model)
