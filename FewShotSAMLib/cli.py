@@ -67,6 +67,7 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda.")
     p.add_argument("--range", default="auto", help="'auto' (find the target's extent) or FIRST:LAST slice numbers along the slicing axis.")
     p.add_argument("--window", default=None, help="CT window CENTRE,WIDTH in HU (default: soft tissue 40,400 for CT).")
+    p.add_argument("--cache-dir", default=None, help="Keep slice embeddings in this folder so later runs on the same volume skip the encoder.")
     p.add_argument("--quiet", action="store_true", help="No progress bar or log lines; only errors.")
 
 
@@ -97,7 +98,12 @@ def run_segment(args: argparse.Namespace) -> int:
     from .sam import load_backend
 
     backend = load_backend(args.sam, args.device, args.sam_checkpoint)
-    session = VolumeSession(image.array, image.spacing, sam=backend, intensity=intensity)
+    cache = None
+    if args.cache_dir:
+        from .sam.cache import EmbeddingCache
+
+        cache = EmbeddingCache(backend, persist_dir=args.cache_dir)
+    session = VolumeSession(image.array, image.spacing, sam=backend, intensity=intensity, cache=cache)
     log.info("SAM %s on %s", session.backend.name, session.backend.device)
 
     from tqdm import tqdm
