@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -34,6 +35,52 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     raise UserInputError(f"Unknown device '{device}'; use auto, cpu or cuda.")
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISION_ENV = "FEWSHOTSAM_PRECISION"  # fp32 | bf16 | fp16 | auto: the encoder's arithmetic when not given
+COMPILE_ENV = "FEWSHOTSAM_COMPILE"  # 1 to torch.compile the encoder when not given
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU has native bfloat16 matrix instructions (AVX-512 BF16 or AMX) for oneDNN."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: Optional[str], device: torch.device) -> str:
+    """The encoder's arithmetic: 'fp32' (plain), 'bf16' (CPU or CUDA autocast) or 'fp16' (CUDA autocast).
+
+    ``None`` reads the ``FEWSHOTSAM_PRECISION`` environment variable; unset means 'fp32' on CPU and
+    'fp16' on CUDA. 'auto' picks 'fp16' on CUDA, and on CPU 'bf16' when the CPU has native bfloat16.
+    """
+    name = (precision or os.environ.get(PRECISION_ENV) or ("fp16" if device.type == "cuda" else "fp32")).lower()
+    if name == "auto":
+        name = "fp16" if device.type == "cuda" else ("bf16" if cpu_has_fast_bf16() else "fp32")
+    if name not in PRECISIONS:
+        raise UserInputError(f"Unknown precision '{precision or os.environ.get(PRECISION_ENV)}'; use fp32, bf16, fp16 or auto.")
+    if name == "fp16" and device.type != "cuda":
+        raise UserInputError("float16 encoding is for CUDA GPUs; on CPU use precision bf16 or fp32.")
+    return name
+
+
+def fuse_conv_bn(module: torch.nn.Module) -> int:
+    """Fold every eval-mode (Conv2d, BatchNorm2d) pair held as a two-module Sequential (TinyViT's
+    ``Conv2d_BN``) into one Conv2d with a bias, in place. Returns the number of pairs folded."""
+    n = 0
+    for name, child in list(module.named_children()):
+        parts = list(child.children()) if isinstance(child, torch.nn.Sequential) else []
+        if (len(parts) == 2 and isinstance(parts[0], torch.nn.Conv2d) and isinstance(parts[1], torch.nn.BatchNorm2d)
+                and parts[1].track_running_stats and parts[1].running_var is not None):
+            conv, bn = parts
+            fused = torch.nn.utils.fusion.fuse_conv_bn_eval(conv.eval(), bn.eval())
+            setattr(module, name, fused)
+            n += 1
+        else:
+            n += fuse_conv_bn(child)
+    return n
+
+
 @dataclass
 class DecodeResult:
     """SAM's answer for one prompt set: model-frame logits (S, S), its predicted IoU, low-res logits."""
@@ -53,6 +100,12 @@ class SamBackend:
     ``image_encoder``, ``prompt_encoder``, ``mask_decoder``) and set the class attributes.
 
     Frames given to :meth:`encode` are model-frame slices, (B, S, S) float32 scaled to [0, 1].
+
+    Speed options (see docs/PERFORMANCE.md): ``precision`` 'fp32' | 'bf16' | 'fp16' (autocast of the
+    encoder; None reads FEWSHOTSAM_PRECISION), ``fuse`` (fold BatchNorm into the convolutions, same
+    values up to rounding), ``channels_last`` (memory layout of the encoder's convolutions), ``compile``
+    (torch.compile of the encoder; None reads FEWSHOTSAM_COMPILE). ``precision='fp32', fuse=False,
+    channels_last=False, compile=False`` is the plain eager path. The decoder always runs in float32.
     """
 
     name: str = "sam"
@@ -60,31 +113,73 @@ class SamBackend:
     prefers_box: bool = False  # trained with boxes: feed it a box whenever there is one
     batch_size: int = 4
 
-    def __init__(self, model: torch.nn.Module, device: str | torch.device = "auto") -> None:
+    def __init__(self, model: torch.nn.Module, device: str | torch.device = "auto", *,
+                 precision: Optional[str] = None, fuse: bool = True, channels_last: bool = False,
+                 compile: Optional[bool] = None) -> None:
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
-        self.autocast_dtype: Optional[torch.dtype] = torch.float16 if self.device.type == "cuda" else None
+        self.precision = resolve_precision(precision, self.device)
+        self.autocast_dtype: Optional[torch.dtype] = {"fp32": None, "bf16": torch.bfloat16,
+                                                      "fp16": torch.float16}[self.precision]
+        self.fused = fuse_conv_bn(self.model.image_encoder) if fuse and hasattr(self.model, "image_encoder") else 0
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.model.image_encoder.to(memory_format=torch.channels_last)
+        if compile is None:
+            compile = os.environ.get(COMPILE_ENV, "0").strip().lower() in ("1", "true", "yes")
+        self.compiled = bool(compile)
+        self._encoder = torch.compile(self.model.image_encoder, dynamic=False) if self.compiled else None
+
+    @property
+    def cache_name(self) -> str:
+        """Folder name of this backend's persistent embeddings: the family, plus the precision when it is
+        not float32, so that embeddings computed with different arithmetic are never mixed."""
+        return self.name if self.precision == "fp32" else f"{self.name}-{self.precision}"
+
+    def describe(self) -> str:
+        """One line naming the encoder's speed options (for logs and the benchmark)."""
+        return (f"{self.name} on {self.device}: {self.precision}, batch {self.batch_size}"
+                f"{', BN folded' if self.fused else ''}{', channels-last' if self.channels_last else ''}"
+                f"{', compiled' if self.compiled else ''}, {torch.get_num_threads()} threads")
 
     # ---- encoding -------------------------------------------------------------------------------
     def _normalise(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, S, S) in [0, 1] -> (B, 3, S, S) as the encoder expects. Subclasses override."""
         return frames[:, None].expand(-1, 3, -1, -1)
 
-    @torch.inference_mode()
-    def encode(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Encode (B, S, S) model-frame slices in [0, 1]; returns (B, C, h, w) float32 on self.device."""
+    def _to_device(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(B, S, S) or (S, S) frames -> float32 tensor on the device; one (pinned, non-blocking) copy."""
         x = torch.as_tensor(np.asarray(frames, dtype=np.float32) if not torch.is_tensor(frames) else frames)
         if x.ndim == 2:
             x = x[None]
         if tuple(x.shape[-2:]) != (self.input_size, self.input_size):
             raise ValueError(f"frames must be {self.input_size}x{self.input_size}, got {tuple(x.shape)}")
-        x = self._normalise(x.to(self.device, torch.float32))
+        if self.device.type == "cuda":
+            return x.to(torch.float32).pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device, torch.float32)
+
+    def _run_encoder(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """The encoder's raw output (B, C, h, w) on the device, in the autocast dtype when there is one."""
+        x = self._normalise(self._to_device(frames))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        encoder = self._encoder or self.model.image_encoder
         if self.autocast_dtype is not None:
             with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-                emb = self.model.image_encoder(x)
-        else:
-            emb = self.model.image_encoder(x)
-        return emb.float()
+                return encoder(x)
+        return encoder(x)
+
+    @torch.inference_mode()
+    def encode(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Encode (B, S, S) model-frame slices in [0, 1]; returns (B, C, h, w) float32 on self.device."""
+        return self._run_encoder(frames).float().contiguous()
+
+    @torch.inference_mode()
+    def encode_to_host(self, frames: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Encode like :meth:`encode` and return (B, C, h, w) float16 numpy on the host, converted on the
+        device first so that one batch makes one half-size device-to-host copy (what the cache stores)."""
+        emb = self._run_encoder(frames).to(torch.float16).contiguous()
+        return emb.cpu().numpy()
 
     # ---- decoding -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -119,7 +214,7 @@ class SamBackend:
         sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=masks)
         low, iou = self.model.mask_decoder(
             image_embeddings=emb,
-            image_pe=self.model.prompt_encoder.get_dense_pe(),
+            image_pe=self._dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask,
@@ -127,9 +222,19 @@ class SamBackend:
         if multimask:
             best = int(torch.argmax(iou[0]))
             low, iou = low[:, best : best + 1], iou[:, best : best + 1]
-        logits = F.interpolate(low, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
-        return DecodeResult(
-            logits=logits[0, 0].float().cpu().numpy(),
-            score=float(iou[0, 0]),
-            low_res=low[0, 0].float().cpu().numpy(),
-        )
+        low_np = low[0, 0].float().cpu().numpy()
+        if tuple(low.shape[-2:]) == (self.input_size, self.input_size):
+            logits = low_np.copy()  # bilinear resampling to the same size is the identity
+        else:
+            logits = F.interpolate(low, size=(self.input_size, self.input_size), mode="bilinear",
+                                   align_corners=False)[0, 0].float().cpu().numpy()
+        return DecodeResult(logits=logits, score=float(iou[0, 0]), low_res=low_np)
+
+    def _dense_pe(self) -> torch.Tensor:
+        """The prompt encoder's positional encoding of the embedding grid (depends on weights only: made
+        once per backend instead of once per decode)."""
+        pe = getattr(self, "_dense_pe_cache", None)
+        if pe is None:
+            pe = self.model.prompt_encoder.get_dense_pe().to(self.device)
+            self._dense_pe_cache = pe
+        return pe

@@ -42,8 +42,10 @@ def _save_atomic(path: Path, emb: np.ndarray) -> None:
 class EmbeddingCache:
     """LRU cache of (C, h, w) float16 embeddings with a memory cap and disk spill.
 
-    ``persist_dir`` (optional) keeps every embedding on disk across runs, keyed by the backend's name and
-    the caller's key; callers must make keys that change whenever the pixels fed to the encoder change.
+    ``persist_dir`` (optional) keeps every embedding on disk across runs, in a folder named after the
+    backend and its precision (``backend.cache_name``: 'litemedsam' for float32, 'litemedsam-bf16', ...)
+    and keyed by the caller's key; callers must make keys that change whenever the pixels fed to the
+    encoder change. While one batch is encoded, the frames of the next one are prepared in a thread.
     """
 
     def __init__(self, backend: SamBackend, cap_bytes: int = DEFAULT_CAP_BYTES,
@@ -52,7 +54,7 @@ class EmbeddingCache:
         self.cap_bytes = int(cap_bytes)
         self._mem: "OrderedDict[Hashable, np.ndarray]" = OrderedDict()
         self._mem_bytes = 0
-        self._persist = Path(persist_dir) / backend.name if persist_dir else None
+        self._persist = Path(persist_dir) / getattr(backend, "cache_name", backend.name) if persist_dir else None
         if self._persist:
             self._persist.mkdir(parents=True, exist_ok=True)
         self._spill: Optional[Path] = None
@@ -117,19 +119,45 @@ class EmbeddingCache:
         each batch with the number of slices it encoded (for progress bars and cancellation).
         """
         missing = [k for k in dict.fromkeys(keys) if k not in self]
+        if not missing:
+            return
         bs = max(1, int(self.backend.batch_size))
-        for start in range(0, len(missing), bs):
-            chunk = missing[start:start + bs]
-            frames = np.stack([frame(k) for k in chunk]).astype(np.float32)
+        chunks = [missing[start:start + bs] for start in range(0, len(missing), bs)]
+
+        def prepare(chunk: list) -> np.ndarray:
+            return np.stack([np.asarray(frame(k), dtype=np.float32) for k in chunk])
+
+        if len(chunks) == 1:
+            self._encode_chunk(chunks[0], prepare(chunks[0]), on_encoded)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        # Preparing frames (numpy/OpenCV, which release the GIL) overlaps with the encoder's work.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fewshotsam-frames") as pool:
+            pending = pool.submit(prepare, chunks[0])
+            for i, chunk in enumerate(chunks):
+                frames = pending.result()
+                if i + 1 < len(chunks):
+                    pending = pool.submit(prepare, chunks[i + 1])
+                self._encode_chunk(chunk, frames, on_encoded)
+
+    def _encode_chunk(self, chunk: list, frames: np.ndarray,
+                      on_encoded: Optional[Callable[[int], None]]) -> None:
+        """Encode one batch and store it (and persist it when a persistent folder is set)."""
+        encode = getattr(self.backend, "encode_to_host", None)
+        if encode is not None:
+            emb = encode(frames)
+        else:
             emb = self.backend.encode(frames).to(torch.float16).cpu().numpy()
-            self.encoded += len(chunk)
-            for k, e in zip(chunk, emb):
-                if self._persist is not None:
-                    _save_atomic(self._disk_path(k), e)
-                    self._on_disk.add(k)
-                self._put(k, e)
-            if on_encoded is not None:
-                on_encoded(len(chunk))
+        self.encoded += len(chunk)
+        for k, e in zip(chunk, emb):
+            e = e.copy()  # its own buffer, so that evicting it frees its memory
+            if self._persist is not None:
+                _save_atomic(self._disk_path(k), e)
+                self._on_disk.add(k)
+            self._put(k, e)
+        if on_encoded is not None:
+            on_encoded(len(chunk))
 
     def get(self, key: Hashable, frame: Optional[Callable[[Hashable], np.ndarray]] = None) -> torch.Tensor:
         """The (C, h, w) float32 embedding of ``key`` on the backend's device, encoding it if needed."""

