@@ -20,6 +20,7 @@ import numpy as np
 from .errors import CancelledError, UserInputError
 from .prompts import DEFAULT_GENERATOR, Prompts, QueryContext, Support, make_generator
 from .prompts.base import PromptGenerator
+from .shape import ShapeRules, analyse_slice, fill_holes, holes, inner_point, overlap_fraction
 from .slices import PreparedVolume
 from .volume import Intensity, choose_axis, choose_intensity, painted_slices, slice_to_volume_index, volume_index_to_slice
 
@@ -45,16 +46,24 @@ class ExtentRules:
 
 @dataclass
 class SlicePrompts:
-    """Prompts fed to SAM on one slice, in the volume's numpy-order voxel indices (a0, a1, a2)."""
+    """Prompts fed to SAM on one slice, in the volume's numpy-order voxel indices (a0, a1, a2).
+
+    A target in several pieces is prompted piece by piece: ``pieces`` then holds one SlicePrompts per
+    piece, and ``fg``/``bg`` are all the pieces' points together, ``box`` their boxes stacked (two corners
+    per piece, (2k, 3)). ``hole_bg`` are the background points placed inside holes of the target (also
+    in ``bg``, so everything that draws ``bg`` shows them).
+    """
 
     slice_index: int
     fg: np.ndarray  # (N, 3)
     bg: np.ndarray  # (M, 3)
-    box: Optional[np.ndarray]  # (2, 3) corners, or None
+    box: Optional[np.ndarray]  # (2, 3) corners (2k, 3 for k pieces), or None
     score: float
     presence: float
     support_index: int
-    model: Prompts  # the same prompts in the model frame (what the backend saw)
+    model: Prompts  # the same prompts in the model frame (what the backend saw; the first piece's)
+    pieces: list["SlicePrompts"] = field(default_factory=list)  # per piece, when there are several
+    hole_bg: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))  # (K, 3), part of bg
 
 
 @dataclass
@@ -133,6 +142,47 @@ def keep_connected_to(mask: np.ndarray, seed: np.ndarray) -> np.ndarray:
     return np.isin(labels, keep)
 
 
+@dataclass
+class _Piece:
+    """One piece of the target followed outward from a painted slice (its own prompts and extent)."""
+
+    support: Support  # the painted slice's embedding with this piece's mask
+    evidence: TargetEvidence
+    neighbour: np.ndarray  # model-frame mask of the piece on the last accepted slice
+    holes: list  # model-frame masks of the piece's holes on the last accepted slice
+    alive: bool = True
+
+
+def _stack_points(parts: Sequence[np.ndarray]) -> np.ndarray:
+    parts = [np.asarray(p, np.float32).reshape(-1, 2) for p in parts]
+    return np.concatenate(parts) if parts else np.zeros((0, 2), np.float32)
+
+
+def _box_distance(points: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """Distance of (N, 2) model-frame points to a (r0, c0, r1, c1) box (0 inside)."""
+    dr = np.maximum(0, np.maximum(box[0] - points[:, 0], points[:, 0] - box[2]))
+    dc = np.maximum(0, np.maximum(box[1] - points[:, 1], points[:, 1] - box[3]))
+    return np.hypot(dr, dc)
+
+
+def split_by_boxes(prompts: Prompts, boxes: np.ndarray) -> list[Prompts]:
+    """One Prompts per box of ``boxes`` ((k, 4) model frame), each point going to the box that holds it
+    (the smallest if several do) or else to the nearest box."""
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    areas = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
+
+    def owner(points: np.ndarray) -> np.ndarray:
+        if not len(points):
+            return np.zeros(0, int)
+        d = np.stack([_box_distance(points, b) for b in boxes], 1)  # (N, k)
+        key = d * 1e6 + areas[None, :]  # nearest first, then smallest
+        return np.argmin(key, 1)
+
+    fo, bo = owner(prompts.fg_points), owner(prompts.bg_points)
+    return [Prompts(prompts.fg_points[fo == i], prompts.bg_points[bo == i], boxes[i], prompts.presence)
+            for i in range(len(boxes))]
+
+
 class VolumeSession:
     """One image prepared for one SAM backend: segment any number of targets, re-run single slices.
 
@@ -179,44 +229,67 @@ class VolumeSession:
                             float(prompts.presence), int(support), prompts)
 
     def prompts_from_voxels(self, axis: int, fg: np.ndarray, bg: np.ndarray,
-                            box: Optional[np.ndarray] = None) -> Prompts:
-        """Voxel-index points (and box corners) on one slice -> model-frame Prompts."""
+                            box: Optional[np.ndarray] = None) -> Union[Prompts, list[Prompts]]:
+        """Voxel-index points (and box corners) on one slice -> model-frame Prompts.
+
+        ``box`` holds two corners per piece; with several pieces ((2k, 3) corners) the answer is one
+        Prompts per piece, each point going to the piece whose box holds it (else the nearest box)."""
         frame = self.prepared(axis).frame
 
         def model(idx):
             idx = np.asarray(idx, dtype=float).reshape(-1, 3)
             return frame.points_to_model(volume_index_to_slice(axis, idx)[1])
 
-        mbox = None
-        if box is not None and len(np.asarray(box).reshape(-1)):
-            corners = model(box)
-            mbox = np.concatenate([corners.min(0), corners.max(0)])
-        return Prompts(model(fg), model(bg), mbox)
+        corners = np.asarray(box if box is not None else np.zeros((0, 3)), dtype=float).reshape(-1, 3)
+        boxes = []
+        for i in range(0, len(corners) - 1, 2):
+            c = model(corners[i:i + 2])
+            boxes.append(np.concatenate([c.min(0), c.max(0)]))
+        if len(boxes) > 1:
+            return split_by_boxes(Prompts(model(fg), model(bg)), np.stack(boxes))
+        if not boxes and len(corners):  # a single stray corner: keep the old min/max behaviour
+            c = model(corners)
+            boxes = [np.concatenate([c.min(0), c.max(0)])]
+        return Prompts(model(fg), model(bg), boxes[0] if boxes else None)
 
     # ---- one slice ------------------------------------------------------------------------------
-    def decode_slice(self, axis: int, index: int, prompts: Prompts) -> tuple[np.ndarray, float]:
+    def decode_slice(self, axis: int, index: int, prompts: Union[Prompts, Sequence[Prompts]]
+                     ) -> tuple[np.ndarray, float]:
         """SAM's native-resolution mask (bool, rows x cols) and score for ``prompts`` on one slice,
-        from the cached embedding (encoding the slice only if it never was)."""
+        from the cached embedding (encoding the slice only if it never was). A list of Prompts (one per
+        piece) is decoded piece by piece and united; the score is then the pieces' mean."""
         pv = self.prepared(axis)
         emb = self.cache.get(pv.key(index), pv.frame_for_key)
-        if prompts.is_empty:
-            return np.zeros(pv.slices.shape[1:], bool), 0.0
-        res = self.backend.decode(emb, prompts)
-        logits = np.where(pv.valid, res.logits, -20.0)
-        return pv.frame.to_native(logits) > 0, res.score
+        parts = [prompts] if isinstance(prompts, Prompts) else list(prompts)
+        out = np.zeros(pv.slices.shape[1:], bool)
+        scores = []
+        for p in parts:
+            if p.is_empty:
+                continue
+            res = self.backend.decode(emb, p)
+            logits = np.where(pv.valid, res.logits, -20.0)
+            out |= pv.frame.to_native(logits) > 0
+            scores.append(float(res.score))
+        return out, (float(np.mean(scores)) if scores else 0.0)
 
     # ---- the volume -----------------------------------------------------------------------------
     def segment(self, example_mask: np.ndarray, *, generator: Union[str, PromptGenerator] = DEFAULT_GENERATOR,
                 extent: Extent = "auto", axis: Optional[int] = None, rules: Optional[ExtentRules] = None,
                 progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
-                connected: bool = True) -> SegmentationResult:
+                connected: bool = True, shape: Optional[ShapeRules] = None) -> SegmentationResult:
         """Segment the target painted in ``example_mask`` (bool, image shape) on every slice.
 
         ``extent`` is "auto" (propagate until the target ends) or (z0, z1), an inclusive forced range
         of slice indices along the slicing axis. ``progress(done, total)`` is called after each slice;
         ``cancel()`` returning True raises CancelledError within one slice.
+
+        A target painted in several pieces (e.g. both kidneys) is followed piece by piece, each with its
+        own prompts and its own extent, and the pieces are united; holes in the painted target (e.g. the
+        spinal canal inside a vertebra) get background points and are decoded and removed where SAM
+        fills them. ``shape`` says what counts as a piece or a hole and switches these off.
         """
         t0 = time.perf_counter()
+        shape_rules = shape or ShapeRules()
         example = np.asarray(example_mask).astype(bool)
         if example.shape != self.image.shape:
             raise UserInputError(
@@ -256,10 +329,10 @@ class VolumeSession:
         if cancel is not None and cancel():
             raise CancelledError("cancelled")
         supports: dict[int, Support] = {}
-        evidence: dict[int, TargetEvidence] = {}
         for p, emb in zip(painted, pv.embeddings(self.cache, painted)):
             supports[p] = Support(emb, pv.mask_to_model(ex_slices[p]), p)
-            evidence[p] = TargetEvidence(supports[p], rules.ring, self.backend.input_size)
+        scale = self.backend.input_size / 256.0
+        layouts = {p: analyse_slice(supports[p].mask, shape_rules, scale) for p in painted}
 
         out = np.zeros((n,) + pv.slices.shape[1:], bool)
         for p in painted:
@@ -278,36 +351,42 @@ class VolumeSession:
             runs.append((b - 1, mid, -1, False))
 
         for start, stop, step, stoppable in runs:
-            neighbour_idx = start - step
-            neighbour_model = pv.mask_to_model(out[neighbour_idx]) if 0 <= neighbour_idx < n else None
+            origin = start - step
+            if not (lo <= start <= hi) or origin not in supports:
+                continue
+            pieces = self._pieces(supports[origin], layouts[origin], rules, shape_rules)
             for q in range(start, stop, step):
                 if not (lo <= q <= hi):
                     break
-                sup_idx = min(painted, key=lambda p: (abs(p - q), p))
-                sup = supports[sup_idx]
                 # Prefetch a batch ahead along the run so the encoder works in batches.
                 ahead = [k for k in range(q, stop, step)][: self.backend.batch_size]
                 pv.embeddings(self.cache, ahead)
                 emb = self.cache.get(pv.key(q))
-                ctx = QueryContext(neighbour_model, pv.valid, q, abs(q - sup_idx))
-                prompts = gen.generate(sup, emb, ctx, self.backend)
-                if prompts.is_empty:
+                decoded = []
+                for piece in pieces:
+                    if not piece.alive:
+                        continue
+                    got = self._segment_piece(pv, piece, emb, q, abs(q - origin), gen, rules, shape_rules, stoppable)
+                    if got is None:
+                        if stoppable:
+                            piece.alive = False
+                            log.debug("a piece's extent stops before slice %d", q)
+                        continue
+                    decoded.append(got)
+                if not decoded:
                     if stoppable:
+                        log.debug("extent stops before slice %d", q)
                         break
                     tick()
                     continue
-                res = self.backend.decode(emb, prompts)
-                mmask = res.mask & pv.valid
-                if stoppable and not (
-                        self._accept(mmask, res.score, prompts.presence, neighbour_model, sup.mask, rules)
-                        and evidence[sup_idx].score(emb, mmask) > rules.min_evidence):
-                    log.debug("extent stops before slice %d", q)
-                    break
-                logits = np.where(pv.valid, res.logits, -20.0)
-                out[q] = pv.frame.to_native(logits) > 0
-                result.prompts[q] = self.to_slice_prompts(axis, q, prompts, res.score, sup_idx)
-                result.scores[q] = res.score
-                neighbour_model = mmask
+                union = np.zeros(pv.slices.shape[1:], bool)
+                for piece, prompts, score, mmask, logits, hole_pts in decoded:
+                    union |= pv.frame.to_native(logits) > 0
+                    piece.neighbour = mmask
+                out[q] = union
+                self._merge_pieces(pieces, rules, shape_rules)
+                result.prompts[q] = self._slice_prompts(axis, q, [(d[1], d[2], d[5]) for d in decoded], origin)
+                result.scores[q] = float(np.mean([d[2] for d in decoded]))
                 tick()
 
         mask = np.moveaxis(out, 0, axis)
@@ -321,11 +400,127 @@ class VolumeSession:
         result.seconds = time.perf_counter() - t0
         return result
 
+    # ---- pieces and holes -----------------------------------------------------------------------
+    def _pieces(self, support: Support, layout, rules: ExtentRules, shape_rules: ShapeRules) -> list[_Piece]:
+        """The pieces followed from one painted slice: one per piece of its layout (the whole mask when
+        it is one piece or when per-piece prompting is off), each with the holes it encloses."""
+        size = self.backend.input_size
+        if not shape_rules.per_piece or len(layout.pieces) <= 1:
+            parts = [(support.mask, list(layout.holes))]
+        else:
+            parts = [(m, layout.holes_of(i)) for i, m in enumerate(layout.pieces)]
+        out = []
+        for m, hs in parts:
+            sup = Support(support.embedding, m, support.slice_index)
+            out.append(_Piece(sup, TargetEvidence(sup, rules.ring, size), m.copy(),
+                              hs if (shape_rules.hole_points or shape_rules.subtract_holes) else []))
+        return out
+
+    def _segment_piece(self, pv: PreparedVolume, piece: _Piece, emb, q: int, distance: int, gen: PromptGenerator,
+                       rules: ExtentRules, shape_rules: ShapeRules, stoppable: bool):
+        """Prompt, decode and (in automatic extent) check one piece on query slice ``q``.
+
+        Returns (piece, prompts, score, model mask, model logits, hole points) or None when the piece
+        has nothing to prompt or, in automatic extent, ends before this slice."""
+        ctx = QueryContext(piece.neighbour, pv.valid, q, distance)
+        prompts = gen.generate(piece.support, emb, ctx, self.backend)
+        if prompts.is_empty:
+            return None
+        hole_pts = np.zeros((0, 2), np.float32)
+        if shape_rules.hole_points and piece.holes:
+            hole_pts = _stack_points([inner_point(h) for h in piece.holes])
+            prompts = Prompts(prompts.fg_points, _stack_points([prompts.bg_points, hole_pts]), prompts.box,
+                              prompts.presence, prompts.mask_input)
+        res = self.backend.decode(emb, prompts)
+        logits = np.where(pv.valid, res.logits, -20.0).astype(np.float32)
+        mmask = logits > 0
+        new_holes = piece.holes
+        if piece.holes and mmask.any():
+            new_holes, removed = self._follow_holes(pv, emb, mmask, piece.holes, shape_rules)
+            if removed.any():
+                logits[removed] = np.minimum(logits[removed], -1.0)
+                mmask &= ~removed
+        if stoppable and not (
+                self._accept(mmask, res.score, prompts.presence, piece.neighbour, piece.support.mask, rules)
+                and piece.evidence.score(emb, mmask) > rules.min_evidence):
+            return None
+        piece.holes = new_holes
+        return piece, prompts, float(res.score), mmask, logits, hole_pts
+
+    def _follow_holes(self, pv: PreparedVolume, emb, mask: np.ndarray, previous: list, shape_rules: ShapeRules
+                      ) -> tuple[list, np.ndarray]:
+        """Where the piece's holes are on this slice, and which pixels of ``mask`` to remove.
+
+        A hole SAM left open is taken as it is; a hole SAM filled is decoded as its own target (a box
+        around the previous slice's hole and a point at its centre) and removed from the mask when the
+        answer is a plausible hole (near the previous one, much smaller than the piece)."""
+        from scipy import ndimage
+
+        from .prompts.boxprop import mask_box
+
+        scale = self.backend.input_size / 256.0
+        found = holes(mask, max(1, int(round(shape_rules.min_hole_pixels * scale * scale))))
+        removed = np.zeros_like(mask)
+        out = []
+        for prev in previous:
+            match = [h for h in found if (h & prev).any()]
+            if match:
+                out.append(np.logical_or.reduce(match))
+                continue
+            if not shape_rules.subtract_holes:
+                out.append(prev)
+                continue
+            near = ndimage.binary_dilation(prev, iterations=max(1, int(round(shape_rules.hole_reach * scale))))
+            box = mask_box(prev, shape_rules.hole_box_margin * scale, mask.shape)
+            res = self.backend.decode(emb, Prompts(fg_points=inner_point(prev)[None], box=box))
+            hm = res.mask & pv.valid & near
+            area = int(hm.sum())
+            if (area and area <= shape_rules.max_hole_fraction * int(fill_holes(mask).sum())
+                    and overlap_fraction(hm, prev) >= 0.3):
+                removed |= hm & mask
+                out.append(hm)
+            else:
+                out.append(prev)
+        return out, removed
+
+    def _merge_pieces(self, pieces: list[_Piece], rules: ExtentRules, shape_rules: ShapeRules) -> None:
+        """Pieces that have grown into each other (e.g. two lobes that join) continue as one."""
+        alive = [p for p in pieces if p.alive]
+        for i, a in enumerate(alive):
+            for b in alive[i + 1:]:
+                if a.alive and b.alive and overlap_fraction(a.neighbour, b.neighbour) > shape_rules.merge_overlap:
+                    a.support = Support(a.support.embedding, a.support.mask | b.support.mask, a.support.slice_index)
+                    a.evidence = TargetEvidence(a.support, rules.ring, self.backend.input_size)
+                    a.neighbour = a.neighbour | b.neighbour
+                    a.holes = a.holes + b.holes
+                    b.alive = False
+
+    def _slice_prompts(self, axis: int, q: int, items: list, support: int) -> SlicePrompts:
+        """SlicePrompts of one slice from its pieces' (model prompts, score, hole points)."""
+        frame = self.prepared(axis).frame
+        parts = []
+        for prompts, score, hole_pts in items:
+            sp = self.to_slice_prompts(axis, q, prompts, score, support)
+            if len(hole_pts):
+                sp.hole_bg = slice_to_volume_index(axis, q, frame.points_to_native(hole_pts))
+            parts.append(sp)
+        if len(parts) == 1:
+            return parts[0]
+        boxes = [p.box for p in parts if p.box is not None]
+        return SlicePrompts(q, np.concatenate([p.fg for p in parts]), np.concatenate([p.bg for p in parts]),
+                            np.concatenate(boxes) if boxes else None, float(np.mean([p.score for p in parts])),
+                            float(np.mean([p.presence for p in parts])), int(support), parts[0].model,
+                            pieces=parts, hole_bg=np.concatenate([p.hole_bg for p in parts]))
+
     def segment_from_prompts(self, example_mask: np.ndarray, axis: int, prompts: dict[int, dict], *,
                              progress: Optional[Progress] = None,
                              cancel: Optional[Callable[[], bool]] = None) -> SegmentationResult:
         """SAM's result for given (e.g. edited) prompts: ``prompts[slice] = {'fg', 'bg', 'box'}`` in
-        numpy-order voxel indices. Only those slices are decoded; painted slices stay as painted."""
+        numpy-order voxel indices. Only those slices are decoded; painted slices stay as painted.
+
+        A target in pieces is given either as ``'pieces': [{'fg', 'bg', 'box', 'hole_bg'}, ...]`` (each
+        piece decoded with its own prompts; ``hole_bg`` lists which of its ``bg`` points lie in holes) or as
+        one entry whose ``box`` holds two corners per piece (points go to the box that holds them)."""
         t0 = time.perf_counter()
         example = np.asarray(example_mask).astype(bool)
         pv = self.prepared(axis)
@@ -338,10 +533,21 @@ class VolumeSession:
             if cancel is not None and cancel():
                 raise CancelledError("cancelled")
             p = prompts[k]
-            mp = self.prompts_from_voxels(axis, p["fg"], p["bg"], p.get("box"))
-            out[k], score = self.decode_slice(axis, k, mp)
-            result.prompts[k] = self.to_slice_prompts(axis, k, mp, score, min(painted, key=lambda s: abs(s - k)))
-            result.scores[k] = score
+            support = min(painted, key=lambda s: abs(s - k))
+            if p.get("pieces"):
+                parts = [(self.prompts_from_voxels(axis, pp["fg"], pp["bg"], pp.get("box")), pp) for pp in p["pieces"]]
+            else:
+                mp = self.prompts_from_voxels(axis, p["fg"], p["bg"], p.get("box"))
+                parts = [(m, None) for m in (mp if isinstance(mp, list) else [mp])]
+            items = []
+            out[k] = False
+            for mp, given in parts:
+                for m in (mp if isinstance(mp, list) else [mp]):  # several boxes in one piece: each its own
+                    mask2d, score = self.decode_slice(axis, k, m)
+                    out[k] |= mask2d
+                    items.append((m, score, self._hole_points_of(axis, m, given)))
+            result.prompts[k] = self._slice_prompts(axis, k, items, support)
+            result.scores[k] = float(np.mean([it[1] for it in items])) if items else 0.0
             if progress is not None:
                 progress(done, len(order))
         ex_slices = np.moveaxis(example, axis, 0)
@@ -350,6 +556,13 @@ class VolumeSession:
         result.mask = np.moveaxis(out, 0, axis)
         result.seconds = time.perf_counter() - t0
         return result
+
+    def _hole_points_of(self, axis: int, prompts: Prompts, given: Optional[dict]) -> np.ndarray:
+        """Model-frame points of ``prompts`` that the caller marked as lying in holes (``given['hole_bg']``)."""
+        if not given or given.get("hole_bg") is None or not len(given["hole_bg"]):
+            return np.zeros((0, 2), np.float32)
+        frame = self.prepared(axis).frame
+        return frame.points_to_model(volume_index_to_slice(axis, np.asarray(given["hole_bg"], float))[1])
 
     @staticmethod
     def _accept(mask: np.ndarray, score: float, presence: float, neighbour: Optional[np.ndarray],
