@@ -1,0 +1,519 @@
+"""``python -m FewShotSAMLib bench``: encoder, generator and decoder speed, whole-volume cost, re-run latency,
+start-up time and peak memory, as medians and as ratios to the plain float32 eager batch-1 encoder measured
+in the same run (the machine may be shared: ratios from one run are what compare).
+
+Encoder variants are timed in interleaved rounds (every variant once per round) so that a change of load
+during the run affects all of them alike. The memory and start-up parts run in child processes so that
+their peak memory and their imports are their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from .errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
+CHAOS_ORGANS = {1: "liver", 2: "right kidney", 3: "left kidney", 4: "spleen"}
+
+
+@dataclass(frozen=True)
+class EncoderVariant:
+    """One way of running the encoder: arithmetic, BN folding, layout, compilation, batch size."""
+
+    precision: str = "fp32"
+    fuse: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    batch: int = 1
+
+    @property
+    def label(self) -> str:
+        """Short name, e.g. 'bf16-fused-cl-b4'."""
+        return "-".join([self.precision] + (["fused"] if self.fuse else []) + (["cl"] if self.channels_last else [])
+                        + (["compiled"] if self.compile else []) + [f"b{self.batch}"])
+
+    @staticmethod
+    def parse(text: str) -> "EncoderVariant":
+        """'bf16-fused-cl-b4' -> EncoderVariant (parts in any order)."""
+        v = {"precision": "fp32", "fuse": False, "channels_last": False, "compile": False, "batch": 1}
+        for part in text.lower().split("-"):
+            if part in ("fp32", "bf16", "fp16"):
+                v["precision"] = part
+            elif part == "fused":
+                v["fuse"] = True
+            elif part == "cl":
+                v["channels_last"] = True
+            elif part == "compiled":
+                v["compile"] = True
+            elif part.startswith("b") and part[1:].isdigit() and int(part[1:]) > 0:
+                v["batch"] = int(part[1:])
+            else:
+                raise UserInputError(f"Unknown part '{part}' in encoder variant '{text}'; use e.g. fp32-b1 or "
+                                     "bf16-fused-cl-compiled-b4 (precision fp32/bf16, fused, cl, compiled, bN).")
+        return EncoderVariant(**v)
+
+
+PLAIN = EncoderVariant()
+DEFAULT_FAST = "fp32-fused-cl-b4"
+DEFAULT_VARIANTS = "fp32-b4,fp32-fused-b4,fp32-fused-cl-b4,bf16-fused-cl-b4,bf16-fused-cl-b8"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of the ``bench`` subcommand."""
+    p.add_argument("--volume", default=None, help="Volume to time (default: CHAOS image_1 from the shared data).")
+    p.add_argument("--labels", default=None, help="Label map of --volume with the organs (default: CHAOS label_1).")
+    p.add_argument("--organs", default="1,2,3,4", help="Label values of the organs to segment (default 1,2,3,4).")
+    p.add_argument("--json", default=None, help="Write the figures to this JSON file.")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu).")
+    p.add_argument("--fast", default=DEFAULT_FAST, help=f"The encoder variant used for the whole-volume figures (default {DEFAULT_FAST}).")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS, help="Other encoder variants to time against the plain path, comma-separated ('' for none).")
+    p.add_argument("--encoder-slices", type=int, default=8, help="Slices per encoder timing round (default 8).")
+    p.add_argument("--rounds", type=int, default=3, help="Interleaved encoder timing rounds (default 3).")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: PyTorch's choice).")
+    p.add_argument("--skip", default="", help="Parts to skip, comma-separated: encoder, volume, rerun, startup, memory.")
+    p.add_argument("--memory-slices", type=int, default=600, help="Slices of the large CT segmented in the memory part (default 600, the full depth).")
+    p.add_argument("--memory-cap-mb", type=float, default=1024.0, help="Embedding-cache cap in the memory part (default 1024 MB).")
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def _load_average() -> Optional[list[float]]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:  # pragma: no cover - not on every platform
+        return None
+
+
+def _peak_rss_gb() -> float:
+    """Peak resident memory of this process (GB), from /proc (Linux) or getrusage."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def _make_backend(variant: EncoderVariant, device: str):
+    from .sam.litemedsam import LiteMedSAMBackend
+
+    backend = LiteMedSAMBackend(device=device, precision=variant.precision, fuse=variant.fuse,
+                                channels_last=variant.channels_last, compile=variant.compile)
+    backend.batch_size = variant.batch
+    return backend
+
+
+def _chaos_default(data_dir: Path) -> tuple[Path, Path]:
+    img, lab = data_dir / "chaos_t2" / "image_1.nii.gz", data_dir / "chaos_t2" / "label_1.nii.gz"
+    if not img.exists():
+        raise UserInputError(f"No --volume given and the default CHAOS volume is missing at {img}; "
+                             "pass --volume IMAGE --labels LABELS.")
+    return img, lab
+
+
+class _Timed:
+    """Calls ``fn`` and adds its duration to ``self.seconds`` (used to time the generator and decoder
+    inside a real whole-volume run)."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn, self.seconds, self.calls = fn, 0.0, 0
+
+    def __call__(self, *a, **k):
+        t = time.perf_counter()
+        try:
+            return self.fn(*a, **k)
+        finally:
+            self.seconds += time.perf_counter() - t
+            self.calls += 1
+
+
+class _TimedGenerator:
+    """A prompt generator whose ``generate`` calls are timed."""
+
+    def __init__(self, generator) -> None:
+        self.generator = generator
+        self.name = getattr(generator, "name", "generator")
+        self.generate = _Timed(generator.generate)
+
+
+# ---- parts ---------------------------------------------------------------------------------------
+def bench_encoder(frames: np.ndarray, variants: list[EncoderVariant], device: str, rounds: int) -> dict:
+    """Median seconds per slice of each variant on ``frames`` (K, S, S), interleaved over ``rounds``, and
+    each variant's largest embedding difference from the plain path (relative to the embeddings' range)."""
+    import torch
+
+    out: dict = {}
+    backends = {}
+    for v in variants:
+        t = time.perf_counter()
+        backends[v] = _make_backend(v, device)
+        # Warm-up (and compilation) on one batch.
+        backends[v].encode(frames[:v.batch])
+        out[v.label] = {"setup_s": round(time.perf_counter() - t, 2), "times": []}
+        log.info("encoder %s ready in %.1f s", v.label, out[v.label]["setup_s"])
+    reference = None
+    for r in range(rounds):
+        for v in variants:
+            b = backends[v]
+            embs = []
+            t = time.perf_counter()
+            for start in range(0, len(frames), v.batch):
+                embs.append(b.encode(frames[start:start + v.batch]))
+            dt = (time.perf_counter() - t) / len(frames)
+            out[v.label]["times"].append(dt)
+            if r == 0:
+                emb = torch.cat(embs).cpu()
+                if v == variants[0]:
+                    reference = emb
+                scale = float(reference.abs().max())
+                out[v.label]["max_rel_diff"] = float((emb - reference).abs().max()) / scale
+                out[v.label]["mean_cos"] = float(torch.nn.functional.cosine_similarity(
+                    emb.flatten(1), reference.flatten(1), dim=1).mean())
+            log.info("round %d %-28s %.3f s/slice", r + 1, v.label, dt)
+    plain = _median(out[variants[0].label]["times"])
+    for v in variants:
+        d = out[v.label]
+        d["s_per_slice"] = _median(d["times"])
+        d["speedup_vs_plain"] = plain / d["s_per_slice"]
+        d["times"] = [round(t, 3) for t in d["times"]]
+    return out
+
+
+def bench_volume(image, labels: np.ndarray, organs: list[int], fast: EncoderVariant, device: str) -> tuple[dict, object]:
+    """One encode pass over the volume, then the organs segmented in one session (each slice encoded once),
+    with the generator and decoder timed inside the run. Returns the figures and the session."""
+    from .engine import VolumeSession
+    from .prompts import DEFAULT_GENERATOR, make_generator
+    from .sam.cache import EmbeddingCache
+    from .slices import PreparedVolume
+    from .volume import choose_intensity
+
+    backend = _make_backend(fast, device)
+    backend.encode(np.zeros((fast.batch, backend.input_size, backend.input_size), np.float32))  # warm-up
+    intensity = choose_intensity(image.array, image.metadata)
+    arr = image.array
+    fig: dict = {}
+
+    pv = PreparedVolume(arr, image.spacing, 0, intensity, backend.input_size)
+    cache = EmbeddingCache(backend)
+    t = time.perf_counter()
+    cache.ensure([pv.key(i) for i in range(pv.n_slices)], pv.frame_for_key)
+    fig["one_encode_pass_s"] = time.perf_counter() - t
+    fig["volume_slices"] = pv.n_slices
+    fig["encoder_in_pass_s_per_slice"] = fig["one_encode_pass_s"] / pv.n_slices
+    cache.close()
+
+    session = VolumeSession(arr, image.spacing, sam=backend, intensity=intensity)
+    decode = _Timed(backend.decode)
+    backend.decode = decode  # instance attribute: the engine's calls go through the timer
+    encode = _Timed(backend.encode_to_host)
+    backend.encode_to_host = encode
+    gen = _TimedGenerator(make_generator(DEFAULT_GENERATOR))
+    per_organ = {}
+    results = {}
+    t_all = time.perf_counter()
+    for organ in organs:
+        truth = labels == organ
+        if not truth.any():
+            raise UserInputError(f"Label {organ} is absent from the label map; pass --organs with labels it holds.")
+        axis = 0
+        zs = np.flatnonzero(truth.any(axis=(1, 2)))
+        painted = int(zs[len(zs) // 2])
+        example = np.zeros_like(truth)
+        example[painted] = truth[painted]
+        t = time.perf_counter()
+        res = session.segment(example, generator=gen, axis=axis)
+        dice = 2 * float((res.mask & truth).sum()) / max(1, int(res.mask.sum() + truth.sum()))
+        per_organ[CHAOS_ORGANS.get(organ, str(organ))] = {"seconds": round(time.perf_counter() - t, 2),
+                                                          "dice": round(dice, 4), "painted": painted,
+                                                          "slices": len(res.segmented_slices)}
+        results[organ] = res
+    fig["four_organs_s"] = time.perf_counter() - t_all
+    fig["one_organ_s"] = per_organ[CHAOS_ORGANS.get(organs[0], str(organs[0]))]["seconds"]
+    fig["organs"] = per_organ
+    fig["slices_encoded_in_run"] = session.cache.encoded
+    fig["encoder_in_run_s"] = encode.seconds
+    fig["generator_s_per_slice"] = gen.generate.seconds / max(1, gen.generate.calls)
+    fig["generator_calls"] = gen.generate.calls
+    fig["decoder_s_per_call"] = decode.seconds / max(1, decode.calls)
+    fig["decoder_calls"] = decode.calls
+    fig["four_organs_over_one_encode_pass"] = fig["four_organs_s"] / fig["one_encode_pass_s"]
+    fig["four_organs_reencode_estimate_s"] = len(organs) * fig["one_encode_pass_s"]
+    fig["speedup_vs_reencode_estimate"] = fig["four_organs_reencode_estimate_s"] / fig["four_organs_s"]
+    del backend.decode, backend.encode_to_host
+    session.bench_results = results
+    return fig, session
+
+
+def bench_rerun(session, repeats: int = 20) -> dict:
+    """End-to-end re-run of one slice after a point edit: cached embedding, decoder, back to native pixels
+    (``VolumeSession.decode_slice``, what the Slicer module calls), median over ``repeats``."""
+    from .prompts.base import Prompts
+
+    res = next(iter(session.bench_results.values()))
+    candidates = [k for k in res.prompts if k not in res.painted]
+    if not candidates:
+        raise UserInputError("The first organ produced no propagated slice; the re-run cannot be timed.")
+    k = candidates[len(candidates) // 2]
+    p = res.prompts[k].model
+    pv = session.prepared(res.axis)
+    m = pv.mask_to_model(np.take(res.mask, k, axis=res.axis))
+    rows, cols = np.nonzero(m)
+    point = np.array([[rows.mean(), cols.mean()]], np.float32)
+    edited = Prompts(np.concatenate([p.fg_points.reshape(-1, 2), point]), p.bg_points, p.box)
+    times, parts = [], {"cache_get": [], "decode": [], "to_native": []}
+    for _ in range(repeats):
+        t = time.perf_counter()
+        session.decode_slice(res.axis, k, edited)
+        times.append(time.perf_counter() - t)
+        # The same work in its three parts.
+        t0 = time.perf_counter()
+        emb = session.cache.get(pv.key(k))
+        t1 = time.perf_counter()
+        out = session.backend.decode(emb, edited)
+        t2 = time.perf_counter()
+        pv.frame.to_native(np.where(pv.valid, out.logits, -20.0))
+        t3 = time.perf_counter()
+        parts["cache_get"].append(t1 - t0)
+        parts["decode"].append(t2 - t1)
+        parts["to_native"].append(t3 - t2)
+    return {"rerun_ms": 1000 * _median(times), "rerun_slice": k,
+            "rerun_parts_ms": {name: round(1000 * _median(v), 2) for name, v in parts.items()}}
+
+
+_STARTUP_CHILD = r"""
+import json, os, sys, time
+t_parent = float(sys.argv[1])
+from FewShotSAMLib.sam import base
+def first_encode(self, frames):
+    c = os.times()
+    sys.stderr.write("BENCH_STARTUP " + json.dumps({"wall_s": time.time() - t_parent,
+                     "cpu_s": c.user + c.system, "modules": len(sys.modules),
+                     "timm": "timm" in sys.modules, "torchvision": "torchvision" in sys.modules}) + "\n")
+    sys.stderr.flush()
+    os._exit(0)
+base.SamBackend._run_encoder = first_encode
+from FewShotSAMLib.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def bench_startup(volume: Path, labels: Path, organ: int) -> dict:
+    """Seconds from launching ``python -m FewShotSAMLib segment`` on ``volume`` until its first slice goes
+    to the encoder (wall clock and the child's CPU time), in a fresh process."""
+    with tempfile.TemporaryDirectory(prefix="fewshotsam-bench-") as tmp:
+        cmd = [sys.executable, "-c", _STARTUP_CHILD, "", "segment", str(volume),
+               "--example", str(labels), "--label", str(organ), "--output", str(Path(tmp) / "out.nii.gz"),
+               "--device", "cpu", "--quiet"]
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        cmd[3] = repr(time.time())
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
+    for line in proc.stderr.splitlines():
+        if line.startswith("BENCH_STARTUP "):
+            d = json.loads(line[len("BENCH_STARTUP "):])
+            return {"startup_to_first_encode_s": d["wall_s"], "startup_cpu_s": d["cpu_s"],
+                    "startup_imports_timm": d["timm"], "startup_imports_torchvision": d["torchvision"]}
+    raise RuntimeError(f"the start-up child never reached the encoder (exit {proc.returncode}): {proc.stderr[-2000:]}")
+
+
+def make_large_ct(data_dir: Path, depth: int = 600, size: int = 512):
+    """A size x size x depth CT resampled (linear) from the TotalSegmentator example CT over its own field
+    of view, and its label map (nearest). Returns (Volume image, Volume labels)."""
+    import SimpleITK as sitk
+
+    from .volume import read_volume
+
+    src = data_dir / "totalseg_ct" / "example_ct_sm.nii.gz"
+    seg = data_dir / "totalseg_ct" / "example_seg.nii.gz"
+    if not src.exists():
+        raise UserInputError(f"The TotalSegmentator CT is missing at {src}; the memory part needs it.")
+    img = sitk.ReadImage(str(src))
+    lab = sitk.ReadImage(str(seg))
+    old_size = np.array(img.GetSize(), float)
+    old_spacing = np.array(img.GetSpacing(), float)
+    new_size = [size, size, depth]
+    new_spacing = old_size * old_spacing / np.array(new_size, float)
+    ref = sitk.Image(new_size, img.GetPixelID())
+    ref.SetOrigin(img.GetOrigin())
+    ref.SetDirection(img.GetDirection())
+    ref.SetSpacing([float(s) for s in new_spacing])
+    big = sitk.Resample(img, ref, sitk.Transform(), sitk.sitkLinear, -1024.0, img.GetPixelID())
+    big_lab = sitk.Resample(lab, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, lab.GetPixelID())
+    with tempfile.TemporaryDirectory(prefix="fewshotsam-ct-") as tmp:
+        p_img, p_lab = Path(tmp) / "ct.nii.gz", Path(tmp) / "seg.nii.gz"
+        sitk.WriteImage(big, str(p_img), useCompression=False)
+        sitk.WriteImage(big_lab, str(p_lab), useCompression=False)
+        del big, big_lab, img, lab
+        return read_volume(p_img), read_volume(p_lab)
+
+
+_MEMORY_CHILD = r"""
+import json, sys, time, logging
+logging.basicConfig(level=logging.WARNING)
+from pathlib import Path
+from FewShotSAMLib.bench import memory_run
+print("BENCH_MEMORY " + json.dumps(memory_run(Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5])))
+"""
+
+
+def memory_run(data_dir: Path, n_slices: int, cap_mb: float, fast: str, device: str) -> dict:
+    """The memory part (run in a child process): segment the liver of the 512 x 512 x 600 CT over
+    ``n_slices`` slices around the painted one (forced range) with the cache capped at ``cap_mb``."""
+    from .engine import VolumeSession
+    from .sam.cache import EmbeddingCache
+
+    t = time.perf_counter()
+    image, labels = make_large_ct(data_dir)
+    liver = labels.array == 5
+    del labels
+    axis = int(np.argmax(image.array.shape) if image.array.shape.count(max(image.array.shape)) == 1 else 0)
+    other = tuple(a for a in range(3) if a != axis)
+    zs = np.flatnonzero(liver.any(axis=other))
+    painted = int(zs[len(zs) // 2])
+    example = np.zeros_like(liver)
+    idx = [slice(None)] * 3
+    idx[axis] = painted
+    example[tuple(idx)] = liver[tuple(idx)]
+    del liver
+    n = image.array.shape[axis]
+    lo = max(0, min(painted - n_slices // 2, n - n_slices))
+    hi = min(n - 1, lo + n_slices - 1)
+    built_s = time.perf_counter() - t
+    rss_before = _peak_rss_gb()
+    backend = _make_backend(EncoderVariant.parse(fast), device)
+    cache = EmbeddingCache(backend, cap_bytes=int(cap_mb * 2**20))
+    session = VolumeSession(image.array, image.spacing, sam=backend, cache=cache, metadata=image.metadata)
+    t = time.perf_counter()
+    res = session.segment(example, axis=axis, extent=(lo, hi))
+    return {"peak_rss_gb": _peak_rss_gb(), "peak_rss_after_building_ct_gb": rss_before,
+            "ct_shape": list(image.array.shape), "ct_dtype": str(image.array.dtype), "axis": axis,
+            "slices_segmented": hi - lo + 1, "slices_encoded": cache.encoded, "cache_cap_mb": cap_mb,
+            "cache_memory_mb": cache.memory_bytes / 2**20, "cache_spilled": cache.spilled,
+            "segment_s": time.perf_counter() - t, "build_ct_s": built_s, "mask_voxels": int(res.mask.sum())}
+
+
+def bench_memory(data_dir: Path, n_slices: int, cap_mb: float, fast: str, device: str) -> dict:
+    """Run :func:`memory_run` in a fresh process and return its figures."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(data_dir), str(n_slices), str(cap_mb), fast,
+                           device], capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH_MEMORY "):
+            return json.loads(line[len("BENCH_MEMORY "):])
+    raise RuntimeError(f"the memory child failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+
+
+# ---- the command ---------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark parts, print a summary and optionally write JSON. Returns the exit code."""
+    import torch
+
+    from .sam.base import cpu_has_fast_bf16, resolve_device
+    from .slices import PreparedVolume
+    from .volume import choose_intensity, read_volume
+
+    if args.threads:
+        torch.set_num_threads(int(args.threads))
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    unknown = skip - {"encoder", "volume", "rerun", "startup", "memory"}
+    if unknown:
+        raise UserInputError(f"--skip: unknown part(s) {', '.join(sorted(unknown))}; use encoder, volume, rerun, startup, memory.")
+    data_dir = Path(os.environ.get("FEWSHOTSAM_DATA", DEFAULT_DATA))
+    if args.volume:
+        vol_path = Path(args.volume)
+        if not args.labels:
+            raise UserInputError("--volume needs --labels (a label map with the organs) for the whole-volume figures.")
+        lab_path = Path(args.labels)
+    else:
+        vol_path, lab_path = _chaos_default(data_dir)
+    organs = [int(v) for v in args.organs.split(",") if v.strip()]
+    fast = EncoderVariant.parse(args.fast)
+    device = str(resolve_device(args.device))
+    out: dict = {
+        "device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_bf16": cpu_has_fast_bf16(),
+        "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+        "load_average_start": _load_average(), "volume": str(vol_path), "fast_variant": fast.label,
+        "plain_variant": PLAIN.label,
+    }
+    image = read_volume(vol_path, "image")
+    labels = read_volume(lab_path, "labels").array
+
+    if "encoder" not in skip:
+        variants = [PLAIN, fast] + [EncoderVariant.parse(v) for v in args.variants.split(",") if v.strip()]
+        variants = list(dict.fromkeys(variants))
+        pv = PreparedVolume(image.array, image.spacing, 0, choose_intensity(image.array, image.metadata), 256)
+        mid = pv.n_slices // 2
+        idx = [min(pv.n_slices - 1, max(0, mid - args.encoder_slices // 2 + i)) for i in range(args.encoder_slices)]
+        frames = np.stack([pv.model_slice(i) for i in idx])
+        enc = bench_encoder(frames, variants, device, max(1, args.rounds))
+        out["encoder_variants"] = enc
+        out["encoder_plain_s_per_slice"] = enc[PLAIN.label]["s_per_slice"]
+        out["encoder_s_per_slice"] = enc[fast.label]["s_per_slice"]
+        out["encoder_speedup_vs_plain"] = enc[fast.label]["speedup_vs_plain"]
+    if "volume" not in skip:
+        fig, session = bench_volume(image, labels, organs, fast, device)
+        out.update(fig)
+        if "encoder_plain_s_per_slice" in out:
+            out["four_organs_plain_reencode_estimate_s"] = len(organs) * fig["volume_slices"] * out["encoder_plain_s_per_slice"]
+        if "rerun" not in skip:
+            out.update(bench_rerun(session))
+    if "startup" not in skip:
+        out.update(bench_startup(vol_path, lab_path, organs[0]))
+    out["peak_rss_gb_main"] = _peak_rss_gb()
+    if "memory" not in skip:
+        mem = bench_memory(data_dir, args.memory_slices, args.memory_cap_mb, fast.label, device)
+        out["memory"] = mem
+        out["peak_rss_gb"] = mem["peak_rss_gb"]
+    else:
+        out["peak_rss_gb"] = out["peak_rss_gb_main"]
+    out["load_average_end"] = _load_average()
+    _print_summary(out)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2, default=float))
+    return 0
+
+
+def _print_summary(out: dict) -> None:
+    """The figures as short lines on stdout."""
+    lines = [f"device {out['device']} ({out['threads']} threads, {out['cpu_capability']}, bf16 {out['cpu_bf16']}), "
+             f"load average {out['load_average_start']} -> {out['load_average_end']}"]
+    for label, d in out.get("encoder_variants", {}).items():
+        lines.append(f"encoder {label:24s} {d['s_per_slice']:.3f} s/slice  x{d['speedup_vs_plain']:.2f} vs plain  "
+                     f"(max rel diff {d['max_rel_diff']:.1e}, cos {d['mean_cos']:.5f})")
+    for key in ("one_encode_pass_s", "four_organs_s", "one_organ_s", "four_organs_over_one_encode_pass",
+                "speedup_vs_reencode_estimate", "generator_s_per_slice", "decoder_s_per_call", "rerun_ms",
+                "startup_to_first_encode_s", "startup_cpu_s", "peak_rss_gb"):
+        if key in out:
+            lines.append(f"{key:34s} {out[key]:.4g}")
+    if "organs" in out:
+        lines.append("organs: " + ", ".join(f"{k} dice {v['dice']:.3f} ({v['seconds']} s)" for k, v in out["organs"].items()))
+    if "memory" in out:
+        m = out["memory"]
+        lines.append(f"memory: CT {m['ct_shape']}, {m['slices_segmented']} slices, cache cap {m['cache_cap_mb']} MB "
+                     f"(held {m['cache_memory_mb']:.0f} MB, spilled {m['cache_spilled']}), peak RSS {m['peak_rss_gb']:.2f} GB")
+    print("\n".join(lines))

