@@ -379,6 +379,9 @@ def markdown_table(result: dict) -> str:
     lines.append("")
     lines.append(f"Protocol `{result['protocol']}`, setting {result['setting']}, SAM backend `{result['sam']}`; "
                  f"Dice % (mean ± std over folds); volumes per fold (support at position 2): {folds}.")
+    if not result.get("complete", True):
+        lines.append(f"**Partial run**: only fold(s) {result.get('folds_done')} of {list(result['folds'])} finished; "
+                     "the ± is over those folds only.")
     for name, why in result.get("skipped", {}).items():
         lines.append(f"Skipped `{name}`: {why}.")
     per_fold = ["", "| Method | " + " | ".join(f"fold {r['fold']}" for r in next(iter(result["methods"].values()))["folds"])

@@ -13,6 +13,8 @@ Helpers:
 - :func:`components`, :func:`opening`, :func:`mask_to_low_res`: mask post-processing for multi-pass generators.
 - :class:`SimilarityLevels` and :func:`presence_score`: a calibrated presence from similarity statistics.
 - :func:`wasserstein`: distance between two feature sets (POT's exact EMD).
+- :func:`summarise_support` (memoised per support), :func:`coarse_threshold` / :func:`region_around`: the
+  similarity region around a seed point whose box prompts box-trained backends.
 """
 
 from __future__ import annotations
