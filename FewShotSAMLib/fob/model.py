@@ -1,0 +1,290 @@
+"""The FoB network (Focus on Background, Ji et al.) on top of frozen SAM image embeddings.
+
+Modules: a small trainable adapter on the frozen SAM embedding, BPPC (ring points -> Gaussian heatmaps ->
+prompt prototypes), BCM (foreground correlation, foreground suppression, prompt proposals, one masked-
+attention transformer layer, detection head) and SPR (adaptive + ring graph GCN, iterative deformable
+refinement). Coordinates are (row, col) floats in the model frame of ``frame_size`` pixels (256 for
+LiteMedSAM) with pixel centres at integers; feature maps have ``grid`` cells per side (64 for LiteMedSAM).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class FoBConfig:
+    """Hyper-parameters of the network (stored with the weights)."""
+
+    in_channels: int = 256  # SAM embedding channels
+    dim: int = 64  # adapter / token width
+    n_bg: int = 10  # Np, background prompts
+    n_fg: int = 10  # Nf, foreground prompts (inference only)
+    frame_size: int = 256  # model frame (pixels)
+    grid: int = 64  # embedding grid (cells)
+    token_grid: int = 32  # transformer tokens per side (32 or 64)
+    heads: int = 4
+    sigma: float = 4.0  # heatmap sigma, model-frame pixels
+    ring_inner: int = 6  # chessboard distances (pixels) bounding the ring: square kernels 13 and 15 (paper)
+    ring_outer: int = 7
+    k_offsets: int = 8
+    iterations: int = 3  # kappa
+    use_bcm: bool = True  # ablation switches
+    use_spr: bool = True
+    use_ring_graph: bool = True
+
+    def to_dict(self) -> dict:
+        """Plain dict for JSON."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FoBConfig":
+        """Inverse of :meth:`to_dict`, ignoring unknown keys."""
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+# ------------------------------------------------------------------------------------------------
+# Geometry helpers (model frame <-> feature grid)
+# ------------------------------------------------------------------------------------------------
+def to_grid_normalised(points: torch.Tensor, frame_size: int) -> torch.Tensor:
+    """(..., 2) model-frame (row, col) -> grid_sample's (x, y) in [-1, 1] (align_corners=False).
+
+    A model-frame pixel centre r lies at (r + 0.5) / S of the image extent, whatever the feature grid.
+    """
+    norm = (points + 0.5) / frame_size * 2.0 - 1.0
+    return norm.flip(-1)
+
+
+def bilinear_sample(features: torch.Tensor, points: torch.Tensor, frame_size: int) -> torch.Tensor:
+    """Features (B, C, h, w) sampled at model-frame points (B, N, 2) -> (B, N, C)."""
+    grid = to_grid_normalised(points, frame_size)[:, :, None, :]  # (B, N, 1, 2)
+    out = F.grid_sample(features, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out[..., 0].transpose(1, 2)
+
+
+def gaussian_heatmaps(points: torch.Tensor, grid: int, frame_size: int, sigma: float) -> torch.Tensor:
+    """(B, N, 2) model-frame points -> (B, N, grid, grid) Gaussians (peak 1) sampled at grid-cell
+    centres; differentiable in the points."""
+    scale = frame_size / grid
+    centres = (torch.arange(grid, dtype=points.dtype, device=points.device) + 0.5) * scale - 0.5
+    gr = torch.exp(-(centres - points[..., 0, None]) ** 2 / (2.0 * sigma ** 2))  # (B, N, grid) separable
+    gc = torch.exp(-(centres - points[..., 1, None]) ** 2 / (2.0 * sigma ** 2))
+    return gr[..., :, None] * gc[..., None, :]
+
+
+def weighted_pool(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted average pooling: features (B, C, h, w), weights (B, N, h, w) -> (B, N, C)."""
+    num = torch.einsum("bchw,bnhw->bnc", features, weights)
+    den = weights.sum((-2, -1))[..., None].clamp_min(1e-6)
+    return num / den
+
+
+def grid_argmax(heatmaps: torch.Tensor, frame_size: int) -> torch.Tensor:
+    """(B, N, h, w) -> (B, N, 2) model-frame (row, col) of each channel's maximum (cell centre)."""
+    b, n, h, w = heatmaps.shape
+    flat = heatmaps.reshape(b, n, -1).argmax(-1)
+    rows = (flat // w).float()
+    cols = (flat % w).float()
+    scale = frame_size / h
+    return torch.stack([(rows + 0.5) * scale - 0.5, (cols + 0.5) * scale - 0.5], -1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Modules
+# ------------------------------------------------------------------------------------------------
+class Adapter(nn.Module):
+    """Frozen SAM embedding -> task features: 1x1 projection, depthwise 3x3, 1x1, residual, GroupNorm."""
+
+    def __init__(self, cin: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(cin, dim, 1)
+        self.dw = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.pw = nn.Conv2d(dim, dim, 1)
+        self.norm = nn.GroupNorm(8, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, Cin, h, w) -> (B, dim, h, w)."""
+        y = self.proj(x)
+        return self.norm(y + self.pw(F.gelu(self.dw(F.gelu(y)))))
+
+
+class MaskedAttentionLayer(nn.Module):
+    """One transformer layer whose attention logits get an additive per-key bias (Eq. 6-7)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.ln1 = nn.LayerNorm(dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, tokens: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
+        """tokens (B, L, d), key_bias (B, L) -> (B, L, d)."""
+        b, l, d = tokens.shape
+        q, k, v = self.qkv(tokens).reshape(b, l, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        bias = key_bias[:, None, None, :].to(q.dtype)  # broadcast over heads and queries
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        att = att.transpose(1, 2).reshape(b, l, d)
+        x = self.ln1(self.out(att) + tokens)
+        return self.ln2(self.ffn(x) + x)
+
+
+class SPR(nn.Module):
+    """Structure-guided prompt refinement: support graph -> GCN on query prototypes -> deformable
+    refinement of the coarse coordinates (Eq. 8-15)."""
+
+    def __init__(self, cfg: FoBConfig) -> None:
+        super().__init__()
+        d, n = cfg.dim, cfg.n_bg
+        self.cfg = cfg
+        self.w_theta = nn.Linear(d, d, bias=False)
+        self.w_phi = nn.Linear(d, d, bias=False)
+        self.alpha_logit = nn.Parameter(torch.zeros(()))
+        self.w_g = nn.Linear(d, d, bias=False)
+        self.offsets = nn.Sequential(nn.Linear(2 * d, d), nn.ReLU(), nn.Linear(d, 2 * cfg.k_offsets))
+        self.w_att = nn.Linear(d, cfg.k_offsets, bias=False)
+        ring = torch.zeros(n, n)
+        for i in range(n):
+            ring[i, (i + 1) % n] = 1.0
+            ring[i, (i - 1) % n] = 1.0
+        self.register_buffer("ring", ring, persistent=False)
+        nn.init.normal_(self.offsets[-1].weight, std=1e-3)
+        nn.init.zeros_(self.offsets[-1].bias)
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        """Mixing weight of the adaptive graph, in [0, 1]."""
+        return torch.sigmoid(self.alpha_logit)
+
+    def graph(self, support_protos: torch.Tensor) -> torch.Tensor:
+        """(B, Np, d) support prompt prototypes -> (B, Np, Np) structure A."""
+        d = support_protos.shape[-1]
+        a_ada = torch.softmax(self.w_theta(support_protos) @ self.w_phi(support_protos).transpose(1, 2)
+                              / math.sqrt(d), -1)
+        if not self.cfg.use_ring_graph:
+            return a_ada
+        return self.alpha * a_ada + (1 - self.alpha) * self.ring[None]
+
+    def forward(self, support_protos: torch.Tensor, query_feat: torch.Tensor, coarse: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Refine coarse points (B, Np, 2) -> (refined points (B, Np, 2), updated prototypes Q')."""
+        cfg = self.cfg
+        heat = gaussian_heatmaps(coarse, query_feat.shape[-1], cfg.frame_size, cfg.sigma)
+        q = weighted_pool(query_feat, heat)  # (B, Np, d)
+        a = self.graph(support_protos)
+        deg = a.sum(-1).clamp_min(1e-6)
+        dinv = deg.rsqrt()
+        a_norm = dinv[..., :, None] * a * dinv[..., None, :]
+        q2 = F.relu(a_norm @ self.w_g(q))  # (B, Np, d)
+        w = torch.softmax(self.w_att(q2), -1)  # (B, Np, k)
+        mu = coarse
+        f = q2
+        b, n, _ = mu.shape
+        for _ in range(cfg.iterations):
+            off = self.offsets(torch.cat([q2, f], -1)).reshape(b, n, cfg.k_offsets, 2)
+            cand = mu[:, :, None, :] + off  # (B, Np, k, 2)
+            mu = (w[..., None] * cand).sum(2)
+            sampled = bilinear_sample(query_feat, cand.reshape(b, n * cfg.k_offsets, 2), cfg.frame_size)
+            f = (w[..., None] * sampled.reshape(b, n, cfg.k_offsets, -1)).sum(2)
+        return mu, q2
+
+
+@dataclass
+class FoBOutput:
+    """What the network predicts for one batch of episodes."""
+
+    corr_logits: torch.Tensor  # (B, h, w) foreground logits; C = sigmoid
+    heatmaps: torch.Tensor  # (B, Np, h, w) coarse heatmaps
+    coarse: torch.Tensor  # (B, Np, 2) argmax points (no gradient)
+    refined: torch.Tensor  # (B, Np, 2)
+    refined_heatmaps: torch.Tensor  # (B, Np, h, w) Gaussians at the refined points
+    support_protos: torch.Tensor  # (B, Np, d)
+    fg_proto: torch.Tensor  # (B, d)
+    support_feat: torch.Tensor  # (B, d, h, w)
+    query_feat: torch.Tensor  # (B, d, h, w)
+
+    @property
+    def corr(self) -> torch.Tensor:
+        """Correlation map C in [0, 1]."""
+        return torch.sigmoid(self.corr_logits)
+
+
+class FoBNet(nn.Module):
+    """FoB: (support embedding, support mask, support ring points, query embedding) -> prompts."""
+
+    def __init__(self, cfg: Optional[FoBConfig] = None) -> None:
+        super().__init__()
+        self.cfg = cfg = cfg or FoBConfig()
+        d, n = cfg.dim, cfg.n_bg
+        self.adapter = Adapter(cfg.in_channels, d)
+        # C = sigmoid(scale * (cos - shift)): a calibrated correlation map usable by a cross-entropy loss.
+        self.corr_scale = nn.Parameter(torch.tensor(10.0))
+        self.corr_shift = nn.Parameter(torch.tensor(0.5))
+        self.w_p = nn.Linear(d, d, bias=False)
+        self.w_q = nn.Conv2d(d, d, 1, bias=False)
+        self.chan_att = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d), nn.Sigmoid())
+        self.bias_conv = nn.Conv2d(n, 1, 1)
+        self.pos = nn.Parameter(torch.zeros(1, cfg.token_grid * cfg.token_grid, d))
+        nn.init.normal_(self.pos, std=0.02)
+        self.transformer = MaskedAttentionLayer(d, cfg.heads)
+        self.head = nn.Sequential(nn.Conv2d(d + n, d, 1), nn.ReLU(), nn.Conv2d(d, d, 3, padding=1, groups=d),
+                                  nn.ReLU(), nn.Conv2d(d, n, 1))
+        self.spr = SPR(cfg)
+
+    def features(self, embedding: torch.Tensor) -> torch.Tensor:
+        """(B, Cin, h, w) SAM embedding -> (B, d, h, w) adapted features."""
+        return self.adapter(embedding)
+
+    def forward(self, support_emb: torch.Tensor, support_mask: torch.Tensor, support_points: torch.Tensor,
+                query_emb: torch.Tensor) -> FoBOutput:
+        """support_emb/query_emb (B, Cin, h, w); support_mask (B, S, S) float/bool in the model frame;
+        support_points (B, Np, 2) model-frame ring points (see :func:`..fob.episodes.ring_points`)."""
+        cfg = self.cfg
+        fs = self.features(support_emb)
+        fq = self.features(query_emb)
+        h = fs.shape[-1]
+        m = F.adaptive_avg_pool2d(support_mask.float()[:, None], h)[:, 0]  # (B, h, w) area fractions
+        fg_proto = weighted_pool(fs, m[:, None])[:, 0]  # (B, d)
+        g = gaussian_heatmaps(support_points, h, cfg.frame_size, cfg.sigma)
+        protos = weighted_pool(fs, g)  # (B, Np, d)  BPPC
+
+        cos = F.cosine_similarity(fq, fg_proto[:, :, None, None], dim=1)  # (B, h, w)
+        corr_logits = self.corr_scale * (cos - self.corr_shift)
+        if cfg.use_bcm:
+            c = torch.sigmoid(corr_logits)
+            fsup = (1 - c)[:, None] * fq
+            att = self.chan_att(protos)  # (B, Np, d) channel attention conditioned on the prototypes
+            pp = att * self.w_p(protos)
+            phi = torch.einsum("bnd,bdhw->bnhw", pp, self.w_q(fsup)) / math.sqrt(cfg.dim)
+            tg = cfg.token_grid
+            phi_t = F.adaptive_avg_pool2d(phi, tg) if tg != h else phi
+            fs_t = F.adaptive_avg_pool2d(fsup, tg) if tg != h else fsup
+            bias = F.relu(self.bias_conv(phi_t))[:, 0].flatten(1)  # (B, L)
+            tokens = fs_t.flatten(2).transpose(1, 2) + self.pos
+            mod = self.transformer(tokens, bias).transpose(1, 2).reshape(-1, cfg.dim, tg, tg)
+            if tg != h:
+                mod = F.interpolate(mod, size=(h, h), mode="bilinear", align_corners=False)
+            heat = self.head(torch.cat([mod + fsup, phi], 1))
+        else:  # ablation: plain prototype matching (cosine of prompt prototypes against query features)
+            heat = torch.einsum("bnd,bdhw->bnhw", F.normalize(protos, dim=-1), F.normalize(fq, dim=1))
+        coarse = grid_argmax(heat.detach(), cfg.frame_size)
+        if cfg.use_spr:
+            refined, _ = self.spr(protos, fq, coarse)
+        else:
+            refined = coarse + 0.0 * heat.sum()  # keeps the graph connected for a uniform loss
+        refined_heat = gaussian_heatmaps(refined, h, cfg.frame_size, cfg.sigma)
+        return FoBOutput(corr_logits, heat, coarse, refined, refined_heat, protos, fg_proto, fs, fq)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,348 @@
+"""``python -m FewShotSAMLib train``: self-supervised FoB training on supervoxel pseudo-labels.
+
+Embeddings come from the persistent embedding cache (each slice is encoded once, ever); labels are never
+read except to drop slices for Setting II (``--exclude-labels``). The run checkpoints every
+``--checkpoint-every`` iterations next to ``--out`` and resumes from there after an interruption; it logs
+the losses to ``<out>.log.csv`` and draws ``<out>.loss.png``. At the end it calibrates, on pseudo-label
+episodes only, the box margin and the presence score, and writes the weights ``--out`` with a metadata
+file ``<out stem>.json`` (SHA-256, SAM backend, config, iterations, data list, date, timings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import logging
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..errors import UserInputError
+from .episodes import Augment, EpisodeSampler, load_volume_episodes
+from .losses import LossWeights, fob_losses, point_error
+from .model import FoBConfig, FoBNet, count_parameters
+
+log = logging.getLogger(__name__)
+
+LOG_FIELDS = ["iteration", "seconds", "total", "rac", "heat", "coor", "fore", "err_coarse", "err_refined", "lr"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of the ``train`` subcommand."""
+    parser.add_argument("--data", required=True, help="folder with image_<id>.nii.gz volumes (labels unused)")
+    parser.add_argument("--out", required=True, help="weights file to write, e.g. Resources/fob/fob.pt")
+    parser.add_argument("--iterations", type=int, default=3000, help="training iterations (batch 1)")
+    parser.add_argument("--exclude-labels", type=int, nargs="*", default=[],
+                        help="Setting II: drop slices holding any of these labels (needs label_<id>.nii.gz)")
+    parser.add_argument("--fold", type=int, default=None,
+                        help="train on the volumes outside CHAOS cross-validation fold 0-4 (default: all)")
+    parser.add_argument("--volumes", type=str, default=None, help="comma-separated volume ids to use")
+    parser.add_argument("--sam", default="litemedsam", help="SAM backend whose embeddings FoB uses")
+    parser.add_argument("--cache-dir", default=".cache/embeddings", help="persistent embedding cache")
+    parser.add_argument("--work-dir", default=".cache/fob", help="supervoxel cache")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="use only slices whose embeddings are cached already (never encode)")
+    parser.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate")
+    parser.add_argument("--decay", type=float, default=0.95, help="learning-rate factor every 1000 iterations")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared CPU)")
+    parser.add_argument("--checkpoint-every", type=int, default=200)
+    parser.add_argument("--token-grid", type=int, default=32, choices=[16, 32, 64])
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--ring", type=int, nargs=2, default=[6, 7], metavar=("INNER", "OUTER"),
+                        help="ring between these chessboard distances from the mask (paper: 6 7 = kernels 13/15)")
+    parser.add_argument("--no-bcm", action="store_true", help="ablation: plain prototype matching")
+    parser.add_argument("--no-spr", action="store_true", help="ablation: no structure-guided refinement")
+    parser.add_argument("--no-ring-graph", action="store_true", help="ablation: adaptive graph only")
+    parser.add_argument("--no-augment", action="store_true")
+    parser.add_argument("--calibration-episodes", type=int, default=150)
+
+
+def _volume_list(args) -> list[tuple[int, Path, Optional[Path]]]:
+    data = Path(args.data)
+    if not data.is_dir():
+        raise UserInputError(f"The data folder '{args.data}' does not exist; pass --data with the training volumes.")
+    cases = []
+    for img in data.glob("image_*.nii.gz"):
+        stem = img.name[len("image_"):-len(".nii.gz")]
+        if stem.isdigit():
+            lab = data / f"label_{stem}.nii.gz"
+            cases.append((int(stem), img, lab if lab.exists() else None))
+    cases.sort()
+    if not cases:
+        raise UserInputError(f"The data folder '{args.data}' holds no image_<id>.nii.gz volumes.")
+    if args.volumes:
+        want = {int(v) for v in args.volumes.split(",") if v.strip()}
+        cases = [c for c in cases if c[0] in want]
+    if args.fold is not None:
+        from ..evaluate import fold_volume_ids
+
+        test = set(fold_volume_ids([c[0] for c in cases], args.fold))
+        cases = [c for c in cases if c[0] not in test]
+    if not cases:
+        raise UserInputError("No training volume is left after --volumes/--fold; check the selection.")
+    return cases
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 hex digest of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def plot_losses(rows: list[dict], path: Path) -> None:
+    """Loss curves (log scale, moving average) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        return
+    it = np.array([r["iteration"] for r in rows], float)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    w = LossWeights()
+    for key, scale in (("total", 1), ("rac", 1), ("heat", w.lambda_heat), ("coor", w.lambda_coor), ("fore", 1)):
+        y = np.array([float(r[key]) for r in rows]) * scale
+        k = max(1, len(y) // 30)
+        ys = np.convolve(y, np.ones(k) / k, mode="valid")
+        axes[0].plot(it[k - 1:], ys, label=f"{key}" + (f" x{scale:g}" if scale != 1 else ""))
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("iteration")
+    axes[0].set_title("weighted loss terms (moving average)")
+    axes[0].legend()
+    for key in ("err_coarse", "err_refined"):
+        y = np.array([float(r[key]) for r in rows])
+        k = max(1, len(y) // 30)
+        axes[1].plot(it[k - 1:], np.convolve(y, np.ones(k) / k, mode="valid"), label=key)
+    axes[1].set_xlabel("iteration")
+    axes[1].set_ylabel("mean point error (px, 256 frame)")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+# Calibration on pseudo-label episodes (no annotations)
+# ------------------------------------------------------------------------------------------------
+def presence_features(corr: torch.Tensor, heatmaps: torch.Tensor, support_area_cells: float) -> np.ndarray:
+    """Features of one query for the presence score: max C, log area ratio of C > 0.5 to the support's
+    area (both on the feature grid), mean per-channel heatmap peak."""
+    c = corr.reshape(-1)
+    area = float((c > 0.5).float().sum())
+    peak = float(heatmaps.reshape(heatmaps.shape[0], -1).max(-1).values.mean())
+    return np.array([float(c.max()), np.log((area + 1.0) / (support_area_cells + 1.0)), peak], np.float64)
+
+
+@torch.no_grad()
+def calibrate(model: FoBNet, sampler: EpisodeSampler, n: int) -> dict:
+    """Box margin (ring box -> mask box) and the presence logistic model, from pseudo-label episodes."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    model.eval()
+    aug, sampler.augment = sampler.augment, None
+    margins, feats, ys, errs = [], [], [], []
+    try:
+        for label, ends in ((1, False), (0, True)):
+            if label == 0 and not any(v.ends for v in sampler.volumes):
+                continue
+            for _ in range(n):
+                ep = sampler.sample(ends=ends)
+                out = model(ep.support_emb, ep.support_mask, ep.support_points, ep.query_emb)
+                h = out.heatmaps.shape[-1]
+                sa = float(torch.nn.functional.adaptive_avg_pool2d(ep.support_mask[:, None], h).sum())
+                feats.append(presence_features(out.corr[0], out.heatmaps[0], sa))
+                ys.append(label)
+                if label == 1:
+                    pts = out.refined[0].numpy()
+                    rows, cols = np.nonzero(ep.query_mask[0].numpy() > 0.5)
+                    mb = np.array([rows.min(), cols.min(), rows.max(), cols.max()], float)
+                    rb = np.array([pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max()])
+                    margins.extend([mb[0] - rb[0], mb[1] - rb[1], rb[2] - mb[2], rb[3] - mb[3]])
+                    errs.append(point_error(out, ep)[1])
+    finally:
+        sampler.augment = aug
+        model.train()
+    feats, ys = np.array(feats), np.array(ys)
+    result = {"box_margin": float(np.median(margins)), "box_margin_per_side_mean": float(np.mean(margins)),
+              "calibration_point_error": float(np.mean(errs)), "episodes": int(len(ys))}
+    if len(set(ys.tolist())) == 2:
+        mu, sd = feats.mean(0), feats.std(0) + 1e-6
+        lr = LogisticRegression(C=1.0).fit((feats - mu) / sd, ys)
+        p = lr.predict_proba((feats - mu) / sd)[:, 1]
+        result["presence"] = {"mean": mu.tolist(), "std": sd.tolist(), "coef": lr.coef_[0].tolist(),
+                              "intercept": float(lr.intercept_[0]), "features": ["max_corr", "log_area_ratio", "mean_peak"],
+                              "auc": float(roc_auc_score(ys, p)),
+                              "accuracy_at_0.5": float(((p > 0.5) == ys).mean())}
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> int:
+    """Train (or resume) and write the weights + metadata; returns the process exit code."""
+    torch.set_num_threads(max(1, int(args.threads)))
+    out = Path(args.out)
+    if not out.parent.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+    resume_path = out.with_name(out.stem + ".resume.pt")
+    log_path = out.with_name(out.stem + ".log.csv")
+    png_path = out.with_name(out.stem + ".loss.png")
+
+    from ..sam import load_backend
+    from ..sam.cache import EmbeddingCache
+
+    backend = load_backend(args.sam, "cpu")
+    cache = EmbeddingCache(backend, cap_bytes=768 << 20, persist_dir=args.cache_dir)
+    cfg = FoBConfig(dim=args.dim, token_grid=args.token_grid, ring_inner=args.ring[0], ring_outer=args.ring[1],
+                    use_bcm=not args.no_bcm, use_spr=not args.no_spr, use_ring_graph=not args.no_ring_graph,
+                    frame_size=backend.input_size)
+    t_prep = time.perf_counter()
+    volumes = []
+    used = []
+    for vid, img, lab in _volume_list(args):
+        v = load_volume_episodes(img, backend, Path(args.work_dir), exclude_labels=args.exclude_labels,
+                                 label_path=lab)
+        if args.cached_only:
+            have = {z for z in range(v.prepared.n_slices) if v.prepared.key(z) in cache}
+            v.pairs = [p for p in v.pairs if p[0] in have and p[1] in have]
+            v.ends = [p for p in v.ends if p[0] in have and p[1] in have]
+        else:
+            log.info("encoding missing slices of %s (if any)", img.name)
+            v.prepared.embeddings(cache, range(v.prepared.n_slices))
+        log.info("%s: %d episode pairs, %d end pairs", img.name, len(v.pairs), len(v.ends))
+        if v.pairs:
+            volumes.append(v)
+            used.append(img.name)
+    if not volumes:
+        raise UserInputError("No usable training volume (no cached embeddings or no supervoxel pairs).")
+    probe = cache.get(volumes[0].prepared.key(volumes[0].pairs[0][0]))
+    cfg.in_channels, cfg.grid = int(probe.shape[0]), int(probe.shape[-1])
+    prep_seconds = time.perf_counter() - t_prep
+
+    torch.manual_seed(args.seed)
+    model = FoBNet(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1000, gamma=args.decay)
+    sampler = EpisodeSampler(volumes, cache, cfg, None if args.no_augment else Augment(), seed=args.seed)
+    start, rows, train_seconds = 0, [], 0.0
+    if resume_path.exists():
+        state = torch.load(resume_path, map_location="cpu", weights_only=False)
+        if state.get("config") == cfg.to_dict():
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            start, rows, train_seconds = state["iteration"], state["rows"], state["train_seconds"]
+            sampler.rng = np.random.default_rng([args.seed, start])
+            torch.manual_seed(args.seed + start)
+            log.info("resumed from %s at iteration %d", resume_path, start)
+        else:
+            log.warning("ignoring %s: it was made with another configuration", resume_path)
+    log.info("FoB: %d trainable parameters, %d volumes, %d pairs, from iteration %d to %d",
+             count_parameters(model), len(volumes), sum(len(v.pairs) for v in volumes), start, args.iterations)
+
+    weights = LossWeights()
+    model.train()
+    t0 = time.perf_counter() - train_seconds
+    acc: dict[str, list] = {}
+    for it in range(start, args.iterations):
+        ep = sampler.sample()
+        o = model(ep.support_emb, ep.support_mask, ep.support_points, ep.query_emb)
+        losses = fob_losses(o, ep, cfg, weights)
+        opt.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        opt.step()
+        sched.step()
+        ec, er = point_error(o, ep)
+        for k, v in losses.items():
+            acc.setdefault(k, []).append(float(v.detach()))
+        acc.setdefault("err_coarse", []).append(ec)
+        acc.setdefault("err_refined", []).append(er)
+        if (it + 1) % 20 == 0:
+            row = {"iteration": it + 1, "seconds": round(time.perf_counter() - t0, 1), "lr": sched.get_last_lr()[0]}
+            row.update({k: float(np.mean(v)) for k, v in acc.items()})
+            rows.append(row)
+            acc = {}
+            if (it + 1) % 100 == 0:
+                log.info("it %d  %.0fs  total %.3f rac %.3f heat %.2e coor %.1f fore %.3f  err %.1f/%.1f px",
+                         it + 1, row["seconds"], row["total"], row["rac"], row["heat"], row["coor"], row["fore"],
+                         row["err_coarse"], row["err_refined"])
+        if (it + 1) % args.checkpoint_every == 0 or it + 1 == args.iterations:
+            _atomic_save({"config": cfg.to_dict(), "model": model.state_dict(), "optimizer": opt.state_dict(),
+                          "scheduler": sched.state_dict(), "iteration": it + 1, "rows": rows,
+                          "train_seconds": time.perf_counter() - t0}, resume_path)
+            _write_log(rows, log_path)
+            plot_losses(rows, png_path)
+    train_seconds = time.perf_counter() - t0
+    _write_log(rows, log_path)
+    plot_losses(rows, png_path)
+
+    t_cal = time.perf_counter()
+    calib = calibrate(model, sampler, args.calibration_episodes)
+    log.info("calibration: %s", json.dumps(calib))
+    state = {"config": cfg.to_dict(), "state_dict": model.state_dict(), "calibration": calib}
+    _atomic_save(state, out)
+    meta = {
+        "format": "fewshotsam-fob-1",
+        "weights": out.name,
+        "sha256": file_sha256(out),
+        "sam_backend": backend.name,
+        "config": cfg.to_dict(),
+        "calibration": calib,
+        "iterations": int(args.iterations),
+        "lr": args.lr, "lr_decay_per_1k": args.decay, "seed": args.seed,
+        "augment": not args.no_augment,
+        "exclude_labels": list(args.exclude_labels),
+        "fold": args.fold,
+        "data": used,
+        "episode_pairs": int(sum(len(v.pairs) for v in volumes)),
+        "parameters": count_parameters(model),
+        "train_seconds": round(train_seconds, 1),
+        "prepare_seconds": round(prep_seconds, 1),
+        "calibration_seconds": round(time.perf_counter() - t_cal, 1),
+        "threads": int(args.threads),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "final_losses": rows[-1] if rows else None,
+    }
+    out.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    log.info("wrote %s (%.1f min training)", out, train_seconds / 60)
+    return 0
+
+
+def _write_log(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=LOG_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+
+
+def main(argv: Optional[list[str]] = None) -> int:  # pragma: no cover - convenience entry point
+    """Standalone entry point: ``python -m FewShotSAMLib.fob.train``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,171 @@
+"""FoB (Focus on Background) as a prompt generator: background points localised on the query by the FoB
+network (``fob/``), foreground points spread where the query correlates with the support foreground, a
+box from the predicted background ring for box-trained backends, and a calibrated presence score.
+
+Weights: ``FoBGenerator()`` loads the shipped ``Resources/fob/fob.pt`` and checks it against the SHA-256
+and SAM backend recorded in ``Resources/fob/fob.json``; ``FoBGenerator(weights=path)`` loads any weights
+written by ``python -m FewShotSAMLib train`` (its ``.json`` beside it is checked when present).
+Inference needs only the support (embedding + mask) and the query embedding.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserInputError
+from .base import Prompts, QueryContext, Support
+from .features import spread_points
+
+log = logging.getLogger(__name__)
+
+RESOURCE_DIR = Path(__file__).resolve().parents[2] / "Resources" / "fob"
+SHIPPED_WEIGHTS = RESOURCE_DIR / "fob.pt"
+MODES = ("points", "box", "box+bg", "box+points")
+
+
+def _sha256(path: Path) -> str:
+    from ..fob.train import file_sha256
+
+    return file_sha256(path)
+
+
+class FoBGenerator:
+    """FoB prompts: ``mode`` is one of points | box | box+bg | box+points, or None for the mode recorded
+    with the weights for the backend in use (box-trained backends get a box, others points)."""
+
+    name = "fob"
+
+    def __init__(self, weights: Optional[str | Path] = None, mode: Optional[str] = None, tau: float = 0.9,
+                 n_fg: Optional[int] = None, verify: bool = True) -> None:
+        from ..fob.model import FoBConfig, FoBNet
+
+        path = Path(weights) if weights else SHIPPED_WEIGHTS
+        if not path.exists():
+            hint = ("train it with `python -m FewShotSAMLib train`" if weights
+                    else "the installation is incomplete; reinstall or pass weights=PATH")
+            raise UserInputError(f"The FoB weights '{path}' do not exist; {hint}.")
+        meta_path = path.with_suffix(".json")
+        self.meta: dict = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        if weights is None and not self.meta:
+            raise UserInputError(f"The metadata file {meta_path} of the shipped FoB weights is missing; reinstall.")
+        if verify and self.meta.get("sha256"):
+            digest = _sha256(path)
+            if digest != self.meta["sha256"]:
+                raise UserInputError(f"The FoB weights '{path}' do not match the SHA-256 in {meta_path.name} "
+                                     "(corrupted or replaced file); restore the file or retrain.")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            self.cfg = FoBConfig.from_dict(state["config"])
+            self.net = FoBNet(self.cfg)
+            self.net.load_state_dict(state["state_dict"])
+        except (KeyError, RuntimeError, TypeError) as exc:
+            raise UserInputError(f"The file '{path}' is not a FoB weights file written by the train command.") from exc
+        self.net.eval()
+        self.calibration: dict = state.get("calibration") or self.meta.get("calibration") or {}
+        self.backend_name = self.meta.get("sam_backend")
+        if mode is not None and mode not in MODES:
+            raise UserInputError(f"Unknown FoB prompt mode '{mode}'; choose one of {', '.join(MODES)}.")
+        self.mode = mode
+        self.tau = float(tau)
+        self.n_fg = int(n_fg if n_fg is not None else self.cfg.n_fg)
+        self.path = path
+
+    # ---- checks ---------------------------------------------------------------------------------
+    def _check(self, backend, query: torch.Tensor) -> None:
+        if self.backend_name and backend.name != self.backend_name:
+            raise UserInputError(f"These FoB weights were trained on {self.backend_name} embeddings but the SAM "
+                                 f"backend is {backend.name}; use --sam {self.backend_name} or FoB weights "
+                                 f"trained for {backend.name}.")
+        if query.shape[0] != self.cfg.in_channels or backend.input_size != self.cfg.frame_size:
+            raise UserInputError(f"These FoB weights expect {self.cfg.in_channels}-channel embeddings of a "
+                                 f"{self.cfg.frame_size}-pixel frame; the backend gives {query.shape[0]} channels "
+                                 f"at {backend.input_size}; use matching weights.")
+
+    def prompt_mode(self, backend) -> str:
+        """The prompt mode used with ``backend``."""
+        if self.mode:
+            return self.mode
+        modes = self.meta.get("prompt_modes", {})
+        if backend.name in modes:
+            return modes[backend.name]
+        return "box" if getattr(backend, "prefers_box", False) else "points"
+
+    # ---- inference ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, support: Support, query: torch.Tensor, valid: Optional[np.ndarray] = None) -> dict:
+        """Raw FoB outputs for one query: bg points, correlation map (S, S), presence, heatmap peaks."""
+        from ..fob.episodes import ring_points
+        from ..fob.train import presence_features
+
+        cfg = self.cfg
+        smask = np.asarray(support.mask, bool)
+        sp = ring_points(smask, cfg.n_bg, cfg.ring_inner, cfg.ring_outer, valid)
+        if len(sp) == 0:
+            raise UserInputError("The support mask is empty: paint the target on the example slice.")
+        out = self.net(support.embedding.detach().float().cpu()[None], torch.from_numpy(smask.astype(np.float32))[None],
+                       torch.from_numpy(sp)[None], query.detach().float().cpu()[None])
+        h = out.heatmaps.shape[-1]
+        s_area = float(F.adaptive_avg_pool2d(torch.from_numpy(smask.astype(np.float32))[None, None], h).sum())
+        feats = presence_features(out.corr[0], out.heatmaps[0], s_area)
+        corr = F.interpolate(out.corr[None], size=(cfg.frame_size, cfg.frame_size), mode="bilinear",
+                             align_corners=False)[0, 0].numpy()
+        return {"bg": out.refined[0].numpy(), "coarse": out.coarse[0].numpy(), "corr": corr,
+                "presence": self.presence(feats), "features": feats}
+
+    def presence(self, feats: np.ndarray) -> float:
+        """Calibrated probability that the target is on the query slice (logistic model fitted at the end
+        of training on pseudo-label episodes); without calibration, the maximum correlation."""
+        cal = self.calibration.get("presence")
+        if not cal:
+            return float(np.clip(feats[0], 0, 1))
+        z = (feats - np.asarray(cal["mean"])) / np.asarray(cal["std"])
+        return float(1 / (1 + np.exp(-(float(np.dot(cal["coef"], z)) + cal["intercept"]))))
+
+    def foreground_points(self, corr: np.ndarray, valid: Optional[np.ndarray]) -> np.ndarray:
+        """Up to n_fg points spread over C > tau (greedy spread, not raster order); the argmax otherwise."""
+        c = np.where(valid, corr, -1.0) if valid is not None else corr
+        cand = c > self.tau
+        if not cand.any():
+            r, cc = np.unravel_index(int(np.argmax(c)), c.shape)
+            return np.array([[r, cc]], np.float32)
+        spacing = max(3.0, 0.5 * np.sqrt(cand.sum() / max(1, self.n_fg)))
+        return spread_points(c, self.n_fg, spacing, cand)
+
+    def ring_box(self, bg: np.ndarray, size: int, valid: Optional[np.ndarray]) -> np.ndarray:
+        """Minimum enclosing rectangle of the background ring, shrunk by the calibrated margin."""
+        m = float(self.calibration.get("box_margin", self.cfg.ring_outer))
+        r0, c0 = bg.min(0) + m
+        r1, c1 = bg.max(0) - m
+        if r1 < r0:
+            r0 = r1 = (r0 + r1) / 2
+        if c1 < c0:
+            c0 = c1 = (c0 + c1) / 2
+        hi_r, hi_c = size - 1, size - 1
+        if valid is not None and valid.any():
+            rows, cols = np.nonzero(valid)
+            hi_r, hi_c = rows.max(), cols.max()
+        return np.array([np.clip(r0, 0, hi_r), np.clip(c0, 0, hi_c), np.clip(r1, 0, hi_r), np.clip(c1, 0, hi_c)],
+                        np.float32)
+
+    def generate(self, support: Support, query: torch.Tensor, context: QueryContext, backend) -> Prompts:
+        """FoB prompts for one query slice (model frame)."""
+        self._check(backend, query)
+        valid = context.valid if context is not None else None
+        p = self.predict(support, query, valid)
+        size = self.cfg.frame_size
+        bg = np.clip(p["bg"], 0, size - 1).astype(np.float32)
+        mode = self.prompt_mode(backend)
+        fg = self.foreground_points(p["corr"], valid)
+        box = self.ring_box(bg, size, valid) if mode.startswith("box") else None
+        if mode == "box":
+            return Prompts(box=box, presence=p["presence"])
+        if mode == "box+bg":
+            return Prompts(bg_points=bg, box=box, presence=p["presence"])
+        return Prompts(fg_points=fg, bg_points=bg, box=box, presence=p["presence"])
