@@ -238,7 +238,18 @@ class FoBNet(nn.Module):
         self.transformer = MaskedAttentionLayer(d, cfg.heads)
         self.head = nn.Sequential(nn.Conv2d(d + n, d, 1), nn.ReLU(), nn.Conv2d(d, d, 3, padding=1, groups=d),
                                   nn.ReLU(), nn.Conv2d(d, n, 1))
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
+        # Matching prior: exp((cos(p_i, F_q) - max) / t) peaks at 1 at each prototype's best match; the
+        # head learns a residual on it (a short CPU training cannot learn heatmaps from zero).
+        self.prior_log_t = nn.Parameter(torch.tensor(math.log(0.05)))
         self.spr = SPR(cfg)
+
+    def matching_prior(self, protos: torch.Tensor, fq: torch.Tensor) -> torch.Tensor:
+        """(B, Np, h, w) sharpened cosine match of each prompt prototype against the query features."""
+        cos = torch.einsum("bnd,bdhw->bnhw", F.normalize(protos, dim=-1), F.normalize(fq, dim=1))
+        top = cos.flatten(2).max(-1).values[..., None, None]
+        return torch.exp((cos - top) / self.prior_log_t.exp())
 
     def features(self, embedding: torch.Tensor) -> torch.Tensor:
         """(B, Cin, h, w) SAM embedding -> (B, d, h, w) adapted features."""
@@ -273,9 +284,9 @@ class FoBNet(nn.Module):
             mod = self.transformer(tokens, bias).transpose(1, 2).reshape(-1, cfg.dim, tg, tg)
             if tg != h:
                 mod = F.interpolate(mod, size=(h, h), mode="bilinear", align_corners=False)
-            heat = self.head(torch.cat([mod + fsup, phi], 1))
+            heat = self.matching_prior(protos, fq) + self.head(torch.cat([mod + fsup, phi], 1))
         else:  # ablation: plain prototype matching (cosine of prompt prototypes against query features)
-            heat = torch.einsum("bnd,bdhw->bnhw", F.normalize(protos, dim=-1), F.normalize(fq, dim=1))
+            heat = self.matching_prior(protos, fq)
         coarse = grid_argmax(heat.detach(), cfg.frame_size)
         if cfg.use_spr:
             refined, _ = self.spr(protos, fq, coarse)

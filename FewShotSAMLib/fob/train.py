@@ -277,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
             acc.setdefault(k, []).append(float(v.detach()))
         acc.setdefault("err_coarse", []).append(ec)
         acc.setdefault("err_refined", []).append(er)
-        if (it + 1) % 20 == 0:
+        if (it + 1) % 20 == 0 or it + 1 == args.iterations:
             row = {"iteration": it + 1, "seconds": round(time.perf_counter() - t0, 1), "lr": sched.get_last_lr()[0]}
             row.update({k: float(np.mean(v)) for k, v in acc.items()})
             rows.append(row)
