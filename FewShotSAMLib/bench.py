@@ -43,17 +43,20 @@ class EncoderVariant:
     channels_last: bool = False
     compile: bool = False
     batch: int = 1
+    threads: int = 0  # torch intra-op threads while this variant runs (0: leave as set)
+    onnx: bool = False  # ONNX Runtime instead of PyTorch
 
     @property
     def label(self) -> str:
-        """Short name, e.g. 'bf16-fused-cl-b4'."""
+        """Short name, e.g. 'bf16-fused-cl-b4' or 'fp32-b1-t1'."""
         return "-".join([self.precision] + (["fused"] if self.fuse else []) + (["cl"] if self.channels_last else [])
-                        + (["compiled"] if self.compile else []) + [f"b{self.batch}"])
+                        + (["compiled"] if self.compile else []) + (["ort"] if self.onnx else []) + [f"b{self.batch}"]
+                        + ([f"t{self.threads}"] if self.threads else []))
 
     @staticmethod
     def parse(text: str) -> "EncoderVariant":
         """'bf16-fused-cl-b4' -> EncoderVariant (parts in any order)."""
-        v = {"precision": "fp32", "fuse": False, "channels_last": False, "compile": False, "batch": 1}
+        v = {"precision": "fp32", "fuse": False, "channels_last": False, "compile": False, "batch": 1, "threads": 0, "onnx": False}
         for part in text.lower().split("-"):
             if part in ("fp32", "bf16", "fp16"):
                 v["precision"] = part
@@ -63,11 +66,16 @@ class EncoderVariant:
                 v["channels_last"] = True
             elif part == "compiled":
                 v["compile"] = True
+            elif part == "ort":
+                v["onnx"] = True
             elif part.startswith("b") and part[1:].isdigit() and int(part[1:]) > 0:
                 v["batch"] = int(part[1:])
+            elif part.startswith("t") and part[1:].isdigit() and int(part[1:]) > 0:
+                v["threads"] = int(part[1:])
             else:
                 raise UserInputError(f"Unknown part '{part}' in encoder variant '{text}'; use e.g. fp32-b1 or "
-                                     "bf16-fused-cl-compiled-b4 (precision fp32/bf16, fused, cl, compiled, bN).")
+                                     "bf16-fused-cl-compiled-b4-t2 (precision fp32/bf16, fused, cl, compiled, "
+                                     "ort for ONNX Runtime, bN batch, tN threads).")
         return EncoderVariant(**v)
 
 
@@ -122,7 +130,8 @@ def _make_backend(variant: EncoderVariant, device: str):
     from .sam.litemedsam import LiteMedSAMBackend
 
     backend = LiteMedSAMBackend(device=device, precision=variant.precision, fuse=variant.fuse,
-                                channels_last=variant.channels_last, compile=variant.compile)
+                                channels_last=variant.channels_last, compile=variant.compile,
+                                runtime="onnxruntime" if variant.onnx else "torch")
     backend.batch_size = variant.batch
     return backend
 
@@ -168,7 +177,9 @@ def bench_encoder(frames: np.ndarray, variants: list[EncoderVariant], device: st
 
     out: dict = {}
     backends = {}
+    default_threads = torch.get_num_threads()
     for v in variants:
+        torch.set_num_threads(v.threads or default_threads)
         t = time.perf_counter()
         backends[v] = _make_backend(v, device)
         # Warm-up (and compilation) on one batch.
@@ -178,6 +189,7 @@ def bench_encoder(frames: np.ndarray, variants: list[EncoderVariant], device: st
     reference = None
     for r in range(rounds):
         for v in variants:
+            torch.set_num_threads(v.threads or default_threads)
             b = backends[v]
             embs = []
             t = time.perf_counter()
@@ -192,8 +204,9 @@ def bench_encoder(frames: np.ndarray, variants: list[EncoderVariant], device: st
                 scale = float(reference.abs().max())
                 out[v.label]["max_rel_diff"] = float((emb - reference).abs().max()) / scale
                 out[v.label]["mean_cos"] = float(torch.nn.functional.cosine_similarity(
-                    emb.flatten(1), reference.flatten(1), dim=1).mean())
+                    emb.flatten(1).double(), reference.flatten(1).double(), dim=1).mean())
             log.info("round %d %-28s %.3f s/slice", r + 1, v.label, dt)
+    torch.set_num_threads(default_threads)
     plain = _median(out[variants[0].label]["times"])
     for v in variants:
         d = out[v.label]
@@ -301,8 +314,22 @@ def bench_rerun(session, repeats: int = 20) -> dict:
         parts["cache_get"].append(t1 - t0)
         parts["decode"].append(t2 - t1)
         parts["to_native"].append(t3 - t2)
+    # The same re-run with one and with two intra-op threads, interleaved (small kernels on a busy
+    # machine can lose more to thread synchronisation than they gain).
+    import torch
+
+    default_threads = torch.get_num_threads()
+    by_threads: dict = {n: [] for n in sorted({1, 2, default_threads})}
+    for _ in range(max(3, repeats // 2)):
+        for n in by_threads:
+            torch.set_num_threads(n)
+            t = time.perf_counter()
+            session.decode_slice(res.axis, k, edited)
+            by_threads[n].append(time.perf_counter() - t)
+    torch.set_num_threads(default_threads)
     return {"rerun_ms": 1000 * _median(times), "rerun_slice": k,
-            "rerun_parts_ms": {name: round(1000 * _median(v), 2) for name, v in parts.items()}}
+            "rerun_parts_ms": {name: round(1000 * _median(v), 2) for name, v in parts.items()},
+            "rerun_ms_by_threads": {str(n): round(1000 * _median(v), 1) for n, v in by_threads.items()}}
 
 
 _STARTUP_CHILD = r"""

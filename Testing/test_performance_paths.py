@@ -189,6 +189,23 @@ def test_fuse_conv_bn_is_exact_for_a_plain_pair():
         torch.testing.assert_close(holder(x), before, rtol=1e-5, atol=1e-5)
 
 
+def test_onnxruntime_encoder_matches_plain(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    monkeypatch.setenv("FEWSHOTSAM_ONNX_DIR", str(tmp_path))
+    frames = _frames(3, 32)
+    plain = TinySamBackend(precision="fp32", fuse=False)
+    ort = TinySamBackend(precision="fp32", runtime="onnxruntime")
+    assert ort.runtime == "onnxruntime" and ort.cache_name == plain.cache_name  # same values: same folder
+    assert len(list(tmp_path.glob("*.onnx"))) == 1  # exported once, named after the weights
+    torch.testing.assert_close(ort.encode(frames), plain.encode(frames), rtol=1e-4, atol=1e-4)
+    assert ort.encode_to_host(frames[:2]).dtype == np.float16
+    TinySamBackend(precision="fp32", runtime="onnxruntime")  # a second backend reuses the file
+    assert len(list(tmp_path.glob("*.onnx"))) == 1
+    with pytest.raises(UserInputError, match="fp32"):
+        TinySamBackend(precision="bf16", runtime="onnxruntime")
+
+
 # ---- precision: settings, cache folders ----------------------------------------------------------
 def test_precision_resolution(monkeypatch):
     cpu = torch.device("cpu")

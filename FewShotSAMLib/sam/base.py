@@ -38,6 +38,51 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 PRECISIONS = ("fp32", "bf16", "fp16")
 PRECISION_ENV = "FEWSHOTSAM_PRECISION"  # fp32 | bf16 | fp16 | auto: the encoder's arithmetic when not given
 COMPILE_ENV = "FEWSHOTSAM_COMPILE"  # 1 to torch.compile the encoder when not given
+RUNTIME_ENV = "FEWSHOTSAM_RUNTIME"  # torch | onnxruntime: what runs the encoder when not given
+ONNX_DIR_ENV = "FEWSHOTSAM_ONNX_DIR"  # where exported encoders are kept (default ~/.cache/fewshotsam/onnx)
+
+
+def _onnx_dir() -> "os.PathLike":
+    from pathlib import Path
+
+    return Path(os.environ.get(ONNX_DIR_ENV) or Path.home() / ".cache" / "fewshotsam" / "onnx")
+
+
+class OnnxEncoder:
+    """The image encoder exported once to ONNX (file named after the weights' digest, kept in
+    FEWSHOTSAM_ONNX_DIR) and run by ONNX Runtime on CPU in float32."""
+
+    def __init__(self, encoder: torch.nn.Module, name: str, input_size: int) -> None:
+        import hashlib
+
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise UserInputError("The onnxruntime encoder needs the onnxruntime and onnx packages: "
+                                 "pip install onnxruntime onnx, or use the torch runtime.") from exc
+        digest = hashlib.sha1()
+        for key, value in encoder.state_dict().items():
+            digest.update(key.encode())
+            digest.update(value.detach().cpu().float().contiguous().numpy().tobytes())
+        path = _onnx_dir() / f"{name}-{input_size}-{digest.hexdigest()[:16]}.onnx"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            log.info("exporting the %s encoder to %s (once per machine)", name, path)
+            example = torch.zeros(1, 3, input_size, input_size)
+            with torch.no_grad():
+                torch.onnx.export(encoder.cpu().eval(), example, str(tmp), input_names=["x"], output_names=["y"],
+                                  dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, opset_version=17, dynamo=False)
+            os.replace(tmp, path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.path = path
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.session.run(None, {"x": x.detach().cpu().float().contiguous().numpy()})[0]
+        return torch.from_numpy(y)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -105,7 +150,9 @@ class SamBackend:
     encoder; None reads FEWSHOTSAM_PRECISION), ``fuse`` (fold BatchNorm into the convolutions, same
     values up to rounding), ``channels_last`` (memory layout of the encoder's convolutions), ``compile``
     (torch.compile of the encoder; None reads FEWSHOTSAM_COMPILE). ``precision='fp32', fuse=False,
-    channels_last=False, compile=False`` is the plain eager path. The decoder always runs in float32.
+    channels_last=False, compile=False`` is the plain eager path. ``runtime='onnxruntime'`` (None reads
+    FEWSHOTSAM_RUNTIME; CPU and fp32 only) runs the encoder exported to ONNX by ONNX Runtime instead.
+    The decoder always runs in float32 PyTorch.
     """
 
     name: str = "sam"
@@ -115,7 +162,7 @@ class SamBackend:
 
     def __init__(self, model: torch.nn.Module, device: str | torch.device = "auto", *,
                  precision: Optional[str] = None, fuse: bool = True, channels_last: bool = False,
-                 compile: Optional[bool] = None) -> None:
+                 compile: Optional[bool] = None, runtime: Optional[str] = None) -> None:
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.precision = resolve_precision(precision, self.device)
@@ -129,6 +176,14 @@ class SamBackend:
             compile = os.environ.get(COMPILE_ENV, "0").strip().lower() in ("1", "true", "yes")
         self.compiled = bool(compile)
         self._encoder = torch.compile(self.model.image_encoder, dynamic=False) if self.compiled else None
+        self.runtime = (runtime or os.environ.get(RUNTIME_ENV) or "torch").lower()
+        if self.runtime not in ("torch", "onnxruntime"):
+            raise UserInputError(f"Unknown encoder runtime '{self.runtime}'; use torch or onnxruntime.")
+        if self.runtime == "onnxruntime":
+            if self.device.type != "cpu" or self.precision != "fp32" or self.compiled:
+                raise UserInputError("The onnxruntime encoder runs on CPU in fp32 without torch.compile; "
+                                     "choose device cpu and precision fp32, or the torch runtime.")
+            self._encoder = OnnxEncoder(self.model.image_encoder, self.name, self.input_size)
 
     @property
     def cache_name(self) -> str:
@@ -140,7 +195,8 @@ class SamBackend:
         """One line naming the encoder's speed options (for logs and the benchmark)."""
         return (f"{self.name} on {self.device}: {self.precision}, batch {self.batch_size}"
                 f"{', BN folded' if self.fused else ''}{', channels-last' if self.channels_last else ''}"
-                f"{', compiled' if self.compiled else ''}, {torch.get_num_threads()} threads")
+                f"{', compiled' if self.compiled else ''}"
+                f"{', ONNX Runtime' if self.runtime == 'onnxruntime' else ''}, {torch.get_num_threads()} threads")
 
     # ---- encoding -------------------------------------------------------------------------------
     def _normalise(self, frames: torch.Tensor) -> torch.Tensor:
@@ -161,7 +217,7 @@ class SamBackend:
     def _run_encoder(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
         """The encoder's raw output (B, C, h, w) on the device, in the autocast dtype when there is one."""
         x = self._normalise(self._to_device(frames))
-        if self.channels_last:
+        if self.channels_last and self.runtime == "torch":
             x = x.contiguous(memory_format=torch.channels_last)
         encoder = self._encoder or self.model.image_encoder
         if self.autocast_dtype is not None:
