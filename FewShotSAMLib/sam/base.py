@@ -148,7 +148,8 @@ class SamBackend:
 
     Speed options (see docs/PERFORMANCE.md): ``precision`` 'fp32' | 'bf16' | 'fp16' (autocast of the
     encoder; None reads FEWSHOTSAM_PRECISION), ``fuse`` (fold BatchNorm into the convolutions, same
-    values up to rounding), ``channels_last`` (memory layout of the encoder's convolutions), ``compile``
+    values up to rounding; changes the model's state-dict keys, so off unless a family turns it on),
+    ``channels_last`` (memory layout of the encoder's convolutions), ``compile``
     (torch.compile of the encoder; None reads FEWSHOTSAM_COMPILE). ``precision='fp32', fuse=False,
     channels_last=False, compile=False`` is the plain eager path. ``runtime='onnxruntime'`` (None reads
     FEWSHOTSAM_RUNTIME; CPU and fp32 only) runs the encoder exported to ONNX by ONNX Runtime instead.
@@ -161,7 +162,7 @@ class SamBackend:
     batch_size: int = 4
 
     def __init__(self, model: torch.nn.Module, device: str | torch.device = "auto", *,
-                 precision: Optional[str] = None, fuse: bool = True, channels_last: bool = False,
+                 precision: Optional[str] = None, fuse: bool = False, channels_last: bool = False,
                  compile: Optional[bool] = None, runtime: Optional[str] = None) -> None:
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
