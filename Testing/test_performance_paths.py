@@ -206,6 +206,16 @@ def test_onnxruntime_encoder_matches_plain(tmp_path, monkeypatch):
         TinySamBackend(precision="bf16", runtime="onnxruntime")
 
 
+def test_onnxruntime_tinyvit_batches(tinyvit_frames, plain_embeddings, tmp_path, monkeypatch):
+    """TinyViT reads the batch size as a Python number: the ONNX encoder must still take any batch."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    monkeypatch.setenv("FEWSHOTSAM_ONNX_DIR", str(tmp_path))
+    _, ref = plain_embeddings
+    ort = TinyVitBackend(precision="fp32", fuse=True, runtime="onnxruntime")
+    assert _rel(ort.encode(tinyvit_frames), ref) < 1e-4
+
+
 # ---- precision: settings, cache folders ----------------------------------------------------------
 def test_precision_resolution(monkeypatch):
     cpu = torch.device("cpu")

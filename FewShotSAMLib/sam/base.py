@@ -50,7 +50,9 @@ def _onnx_dir() -> "os.PathLike":
 
 class OnnxEncoder:
     """The image encoder exported once to ONNX (file named after the weights' digest, kept in
-    FEWSHOTSAM_ONNX_DIR) and run by ONNX Runtime on CPU in float32."""
+    FEWSHOTSAM_ONNX_DIR) and run by ONNX Runtime on CPU in float32, one slice per run: the export is
+    traced at batch 1 because encoders such as TinyViT read the batch size as a Python number, which a
+    trace freezes."""
 
     def __init__(self, encoder: torch.nn.Module, name: str, input_size: int) -> None:
         import hashlib
@@ -64,7 +66,7 @@ class OnnxEncoder:
         for key, value in encoder.state_dict().items():
             digest.update(key.encode())
             digest.update(value.detach().cpu().float().contiguous().numpy().tobytes())
-        path = _onnx_dir() / f"{name}-{input_size}-{digest.hexdigest()[:16]}.onnx"
+        path = _onnx_dir() / f"{name}-{input_size}-b1-{digest.hexdigest()[:16]}.onnx"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -72,7 +74,7 @@ class OnnxEncoder:
             example = torch.zeros(1, 3, input_size, input_size)
             with torch.no_grad():
                 torch.onnx.export(encoder.cpu().eval(), example, str(tmp), input_names=["x"], output_names=["y"],
-                                  dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, opset_version=17, dynamo=False)
+                                  opset_version=17, dynamo=False)
             os.replace(tmp, path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
@@ -81,8 +83,9 @@ class OnnxEncoder:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.session.run(None, {"x": x.detach().cpu().float().contiguous().numpy()})[0]
-        return torch.from_numpy(y)
+        x = x.detach().cpu().float().contiguous().numpy()
+        return torch.from_numpy(np.concatenate([self.session.run(None, {"x": x[i:i + 1]})[0]
+                                                for i in range(len(x))]))
 
 
 def cpu_has_fast_bf16() -> bool:
