@@ -538,7 +538,7 @@ class VolumeSession:
                 parts = [(self.prompts_from_voxels(axis, pp["fg"], pp["bg"], pp.get("box")), pp) for pp in p["pieces"]]
             else:
                 mp = self.prompts_from_voxels(axis, p["fg"], p["bg"], p.get("box"))
-                parts = [(m, None) for m in (mp if isinstance(mp, list) else [mp])]
+                parts = [(m, p) for m in (mp if isinstance(mp, list) else [mp])]
             items = []
             out[k] = False
             for mp, given in parts:
@@ -558,11 +558,14 @@ class VolumeSession:
         return result
 
     def _hole_points_of(self, axis: int, prompts: Prompts, given: Optional[dict]) -> np.ndarray:
-        """Model-frame points of ``prompts`` that the caller marked as lying in holes (``given['hole_bg']``)."""
-        if not given or given.get("hole_bg") is None or not len(given["hole_bg"]):
+        """The background points of ``prompts`` that the caller marked as lying in holes
+        (``given['hole_bg']``, voxel indices), in the model frame."""
+        if not given or given.get("hole_bg") is None or not len(given["hole_bg"]) or not len(prompts.bg_points):
             return np.zeros((0, 2), np.float32)
         frame = self.prepared(axis).frame
-        return frame.points_to_model(volume_index_to_slice(axis, np.asarray(given["hole_bg"], float))[1])
+        marked = frame.points_to_model(volume_index_to_slice(axis, np.asarray(given["hole_bg"], float))[1])
+        d = np.abs(prompts.bg_points[:, None, :] - marked[None, :, :]).max(-1).min(1)
+        return prompts.bg_points[d < 1e-3]
 
     @staticmethod
     def _accept(mask: np.ndarray, score: float, presence: float, neighbour: Optional[np.ndarray],
