@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -143,6 +145,9 @@ def test_write_label_keeps_geometry_and_is_atomic(tmp_path):
     assert np.allclose(back.GetDirection(), vol.direction.reshape(-1), atol=1e-6)
     assert np.allclose(back.GetOrigin(), vol.origin, atol=1e-4)
     assert np.array_equal(sitk.GetArrayFromImage(back), (vol.array > 2).astype(np.uint8))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not the temporary file's 0600
     out.write_bytes(b"previous")
 
     def failing(tmp):
