@@ -228,6 +228,8 @@ def test_precision_resolution(monkeypatch):
     assert resolve_precision("fp32", cpu) == "fp32"  # an explicit choice wins over the variable
     with pytest.raises(UserInputError, match="CUDA"):
         resolve_precision("fp16", cpu)
+    monkeypatch.setenv("FEWSHOTSAM_CHANNELS_LAST", "1")
+    assert TinySamBackend().channels_last and not TinySamBackend(channels_last=False).channels_last
     with pytest.raises(UserInputError, match="precision"):
         resolve_precision("int8", cpu)
 

