@@ -10,6 +10,7 @@ their peak memory and their imports are their own.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -491,7 +492,10 @@ def run(args: argparse.Namespace) -> int:
     labels = read_volume(lab_path, "labels").array
 
     if "encoder" not in skip:
-        variants = [PLAIN, fast] + [EncoderVariant.parse(v) for v in args.variants.split(",") if v.strip()]
+        names = [v for v in args.variants.split(",") if v.strip()]
+        if args.variants == DEFAULT_VARIANTS and importlib.util.find_spec("onnxruntime") is not None:
+            names.append("fp32-fused-ort-b4")  # ONNX Runtime where it is installed
+        variants = [PLAIN, fast] + [EncoderVariant.parse(v) for v in names]
         variants = list(dict.fromkeys(variants))
         pv = PreparedVolume(image.array, image.spacing, 0, choose_intensity(image.array, image.metadata), 256)
         mid = pv.n_slices // 2
