@@ -46,10 +46,11 @@ def render_overlay(image: np.ndarray, spacing, intensity: Intensity, result: Seg
             cv2.drawContours(tile, contours, -1, COLOURS[name], 1)
         sp = result.prompts.get(k)
         if sp is not None:
-            if sp.box is not None:
-                corners = frame.points_to_model(volume_index_to_slice(axis, sp.box)[1])
-                (r0, c0), (r1, c1) = corners.min(0), corners.max(0)
-                cv2.rectangle(tile, (int(c0), int(r0)), (int(c1), int(r1)), COLOURS["box"], 1)
+            if sp.box is not None:  # two corners per piece
+                corners = frame.points_to_model(volume_index_to_slice(axis, sp.box)[1]).reshape(-1, 2, 2)
+                for pair in corners:
+                    (r0, c0), (r1, c1) = pair.min(0), pair.max(0)
+                    cv2.rectangle(tile, (int(c0), int(r0)), (int(c1), int(r1)), COLOURS["box"], 1)
             for pts, name in ((sp.fg, "fg"), (sp.bg, "bg")):
                 for r, c in frame.points_to_model(volume_index_to_slice(axis, pts)[1]):
                     cv2.circle(tile, (int(round(c)), int(round(r))), 3, COLOURS[name], -1)
