@@ -131,15 +131,24 @@ class TargetEvidence:
 
 
 def keep_connected_to(mask: np.ndarray, seed: np.ndarray) -> np.ndarray:
-    """Keep the 3D (26-connected) components of ``mask | seed`` that touch ``seed``."""
+    """Keep the 3D (26-connected) components of ``mask | seed`` that touch ``seed``.
+
+    Labelling runs only inside the bounding box of ``mask | seed``, so a large CT costs no
+    volume-sized label array.
+    """
     from scipy import ndimage
 
     union = mask | seed
-    labels, n = ndimage.label(union, structure=np.ones((3, 3, 3), bool))
+    if not union.any():
+        return union
+    box = tuple(slice(int(idx.min()), int(idx.max()) + 1) for idx in np.nonzero(union))
+    labels, n = ndimage.label(union[box], structure=np.ones((3, 3, 3), bool))
     if n <= 1:
         return union
-    keep = np.unique(labels[seed & (labels > 0)])
-    return np.isin(labels, keep)
+    keep = np.unique(labels[seed[box] & (labels > 0)])
+    out = np.zeros_like(union)
+    out[box] = np.isin(labels, keep)
+    return out
 
 
 @dataclass
@@ -290,7 +299,7 @@ class VolumeSession:
         """
         t0 = time.perf_counter()
         shape_rules = shape or ShapeRules()
-        example = np.asarray(example_mask).astype(bool)
+        example = np.asarray(example_mask, dtype=bool)
         if example.shape != self.image.shape:
             raise UserInputError(
                 f"The example has shape {example.shape} but the image has {self.image.shape}; paint it on this image.")
@@ -522,7 +531,7 @@ class VolumeSession:
         piece decoded with its own prompts; ``hole_bg`` lists which of its ``bg`` points lie in holes) or as
         one entry whose ``box`` holds two corners per piece (points go to the box that holds them)."""
         t0 = time.perf_counter()
-        example = np.asarray(example_mask).astype(bool)
+        example = np.asarray(example_mask, dtype=bool)
         pv = self.prepared(axis)
         painted = painted_slices(example, axis).tolist()
         out = np.zeros((pv.n_slices,) + pv.slices.shape[1:], bool)
