@@ -15,6 +15,9 @@ if str(ROOT) not in sys.path:
 DATA_DIR = Path(os.environ.get("FEWSHOTSAM_DATA", ROOT.parent / "shared" / "data"))
 CHAOS_DIR = DATA_DIR / "chaos_t2"
 CT_DIR = DATA_DIR / "totalseg_ct"
+# The persistent embedding cache the real-data tests share (git-ignored): each CHAOS slice is encoded
+# once per machine, whichever test needs it first.
+SHARED_EMBEDDINGS = ROOT / ".cache" / "embeddings"
 
 
 def require(path: Path) -> Path:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CHAOS_DIR, require
+from conftest import CHAOS_DIR, SHARED_EMBEDDINGS, require
 from FewShotSAMLib.engine import ExtentRules, TargetEvidence, VolumeSession, keep_connected_to
 from FewShotSAMLib.errors import CancelledError, UserInputError
 from FewShotSAMLib.prompts.base import Support
@@ -158,7 +158,10 @@ def chaos1(litemedsam):
     require(CHAOS_DIR)
     img = read_volume(CHAOS_DIR / "image_1.nii.gz")
     lab = read_volume(CHAOS_DIR / "label_1.nii.gz").array
-    return VolumeSession(img.array, img.spacing, sam=litemedsam), lab
+    from FewShotSAMLib.sam.cache import EmbeddingCache
+
+    cache = EmbeddingCache(litemedsam, persist_dir=SHARED_EMBEDDINGS)
+    return VolumeSession(img.array, img.spacing, sam=litemedsam, cache=cache), lab
 
 
 @pytest.mark.parametrize("label,floor", [(1, LIVER_FLOOR), (2, KIDNEY_FLOOR)])
