@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch

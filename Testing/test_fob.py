@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -172,12 +171,12 @@ class _FakeBackend:
 
 
 def _save_small(path: Path, backend="tiny") -> Path:
-    from FewShotSAMLib.fob.train import file_sha256
+    from FewShotSAMLib.sam.weights import sha256_of
 
     cfg = FoBConfig(**SMALL)
     torch.manual_seed(0)
     torch.save({"config": cfg.to_dict(), "state_dict": FoBNet(cfg).state_dict(), "calibration": {}}, path)
-    path.with_suffix(".json").write_text(json.dumps({"sha256": file_sha256(path), "sam_backend": backend}))
+    path.with_suffix(".json").write_text(json.dumps({"sha256": sha256_of(path), "sam_backend": backend}))
     return path
 
 
@@ -239,9 +238,6 @@ def test_shipped_weights_load_and_match_metadata():
 def test_train_resumes_from_its_checkpoint(tmp_path):
     """Two tiny trainings on one cached volume: the second, asked for more iterations, resumes."""
     from FewShotSAMLib.fob import train
-    from FewShotSAMLib.slices import PreparedVolume
-    from FewShotSAMLib.volume import choose_intensity, read_volume
-
     cache_dir = REPO / ".cache" / "embeddings"
     if not cache_dir.exists():
         pytest.skip("no persistent embedding cache (.cache/embeddings); run tools/precompute_chaos_embeddings.py")

@@ -13,14 +13,11 @@ from FewShotSAMLib.prompt_file import prompts_to_json, read_prompts, write_promp
 from FewShotSAMLib.prompts import Prompts
 from FewShotSAMLib.shape import ShapeRules
 from FewShotSAMLib.volume import Volume, choose_intensity, label_on_image_grid, painted_slices, read_volume
+from test_engine import dice
 
 # Measured with boxprop + LiteMedSAM (docs/RESULTS.md, "Pieces and holes"): CHAOS volume 1, both kidneys
 # as one label 95.9 (each kidney alone 94.4 and 96.2); the floor leaves room for CPU/BLAS differences.
 KIDNEYS_FLOOR = 92.0
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 200.0 * (a & b).sum() / max(1, a.sum() + b.sum())
 
 
 def two_blobs(n=11, size=64):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import UserInputError
+from ..sam.weights import sha256_of
 from .episodes import Augment, EpisodeSampler, load_volume_episodes
 from .losses import LossWeights, fob_losses, point_error
 from .model import FoBConfig, FoBNet, count_parameters
@@ -89,15 +89,6 @@ def _volume_list(args) -> list[tuple[int, Path, Optional[Path]]]:
     if not cases:
         raise UserInputError("No training volume is left after --volumes/--fold; check the selection.")
     return cases
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 hex digest of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -304,7 +295,7 @@ def run(args: argparse.Namespace) -> int:
     meta = {
         "format": "fewshotsam-fob-1",
         "weights": out.name,
-        "sha256": file_sha256(out),
+        "sha256": sha256_of(out),
         "sam_backend": backend.name,
         "config": cfg.to_dict(),
         "calibration": calib,

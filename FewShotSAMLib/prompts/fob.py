@@ -31,9 +31,9 @@ MODES = ("points", "box", "box+bg", "box+points")
 
 
 def _sha256(path: Path) -> str:
-    from ..fob.train import file_sha256
+    from ..sam.weights import sha256_of
 
-    return file_sha256(path)
+    return sha256_of(path)
 
 
 class FoBGenerator:

@@ -26,6 +26,7 @@ import numpy as np
 from . import features as F
 from .base import Prompts, QueryContext, Support
 from .boxprop import mask_box
+from .persam import refine_with_mask_input
 
 
 class P2SAM:
@@ -104,12 +105,5 @@ class P2SAM:
             dist = F.wasserstein(summ.fg_features, units[cells.reshape(-1)], seed=self.seed)
             if best is None or dist < best[0]:
                 best = (dist, n, pos, neg, res, mask)
-        _, _, pos, neg, first, mask1 = best
-        box2 = mask_box(mask1) if backend.prefers_box else None
-        second = backend.decode(query, Prompts(pos, neg, box2, mask_input=first.low_res), multimask=True)
-        mask2 = second.mask & context.valid
-        if not mask2.any():
-            mask2 = mask1
-        presence = F.presence_score(summ.levels, sim, F.mask_to_grid(mask2, summ.grid), self.presence_midpoint)
-        return Prompts(pos, neg, mask_box(mask2), presence=presence,
-                       mask_input=second.low_res if mask2.any() else None)
+        _, _, pos, neg, first, _ = best
+        return refine_with_mask_input(query, backend, context, summ, sim, pos, neg, first, self.presence_midpoint)
