@@ -86,9 +86,9 @@ def run(args: argparse.Namespace) -> int:
     example[mid] = reference[mid]
     import SimpleITK as sitk
 
-    from .volume import to_sitk
+    from .volume import atomic_write, to_sitk
 
-    sitk.WriteImage(to_sitk(image), str(out / "image.nii.gz"))
+    atomic_write(out / "image.nii.gz", lambda tmp: sitk.WriteImage(to_sitk(image), tmp, True))
     write_label(image, example.astype(np.uint8), out / "example.nii.gz")
     write_label(image, reference.astype(np.uint8), out / "reference.nii.gz")
 

@@ -85,22 +85,16 @@ class SegmentationResult:
         return np.flatnonzero(self.mask.any(axis=other)).tolist()
 
 
-def _bbox(mask: np.ndarray) -> Optional[np.ndarray]:
-    rows, cols = np.nonzero(mask)
-    if rows.size == 0:
-        return None
-    return np.array([rows.min(), cols.min(), rows.max(), cols.max()], np.float32)
+def _pool(embedding, mask: np.ndarray) -> np.ndarray:
+    """Mean embedding vector (C,) under a model-frame mask, area-weighted on the embedding grid."""
+    from .prompts import features
+
+    weights = features.mask_to_grid(mask, embedding.shape[-2:])
+    return features.masked_prototype(embedding, weights, normalise=False)
 
 
-def _pool(embedding, mask: np.ndarray):
-    """Mean embedding vector under a model-frame mask (area-weighted on the embedding grid)."""
-    import torch
-    import torch.nn.functional as F
-
-    h, w = embedding.shape[-2:]
-    m = F.adaptive_avg_pool2d(torch.as_tensor(mask, dtype=torch.float32, device=embedding.device)[None, None],
-                              (h, w))[0, 0]
-    return (embedding * m).sum((1, 2)) / m.sum().clamp_min(1e-6)
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-8))
 
 
 class TargetEvidence:
@@ -122,12 +116,10 @@ class TargetEvidence:
 
     def score(self, embedding, mask: np.ndarray) -> float:
         """Evidence in [-2, 2] that ``mask`` on ``embedding`` is the target."""
-        import torch.nn.functional as F
-
         if not mask.any():
             return -2.0
         f = _pool(embedding, mask)
-        return float(F.cosine_similarity(f, self.target, 0) - F.cosine_similarity(f, self.ring, 0))
+        return _cos(f, self.target) - _cos(f, self.ring)
 
 
 def keep_connected_to(mask: np.ndarray, seed: np.ndarray) -> np.ndarray:

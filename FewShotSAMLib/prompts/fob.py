@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserInputError
+from ..sam.weights import sha256_of
 from .base import Prompts, QueryContext, Support
 from .features import spread_points
 
@@ -28,12 +29,6 @@ log = logging.getLogger(__name__)
 RESOURCE_DIR = Path(__file__).resolve().parents[2] / "Resources" / "fob"
 SHIPPED_WEIGHTS = RESOURCE_DIR / "fob.pt"
 MODES = ("points", "box", "box+bg", "box+points")
-
-
-def _sha256(path: Path) -> str:
-    from ..sam.weights import sha256_of
-
-    return sha256_of(path)
 
 
 class FoBGenerator:
@@ -56,7 +51,7 @@ class FoBGenerator:
         if weights is None and not self.meta:
             raise UserInputError(f"The metadata file {meta_path} of the shipped FoB weights is missing; reinstall.")
         if verify and self.meta.get("sha256"):
-            digest = _sha256(path)
+            digest = sha256_of(path)
             if digest != self.meta["sha256"]:
                 raise UserInputError(f"The FoB weights '{path}' do not match the SHA-256 in {meta_path.name} "
                                      "(corrupted or replaced file); restore the file or retrain.")
