@@ -59,15 +59,19 @@ class SliceShape:
         return [h for h, o in zip(self.holes, self.hole_owner) if o == piece]
 
 
-def components(mask: np.ndarray, min_pixels: int = 1) -> list[np.ndarray]:
-    """8-connected components of ``mask`` with at least ``min_pixels`` pixels, largest first."""
-    mask = np.asarray(mask, bool)
-    labels, n = ndimage.label(mask, structure=EIGHT)
+def _regions(mask: np.ndarray, structure: np.ndarray, min_pixels: int) -> list[np.ndarray]:
+    """Connected regions of ``mask`` (by ``structure``) with at least ``min_pixels`` pixels, largest first."""
+    labels, n = ndimage.label(mask, structure=structure)
     if n == 0:
         return []
     sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     order = [int(i) for i in np.argsort(-sizes, kind="stable") if sizes[i] >= min_pixels]
     return [labels == i + 1 for i in order]
+
+
+def components(mask: np.ndarray, min_pixels: int = 1) -> list[np.ndarray]:
+    """8-connected components of ``mask`` with at least ``min_pixels`` pixels, largest first."""
+    return _regions(np.asarray(mask, bool), EIGHT, min_pixels)
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -79,13 +83,7 @@ def holes(mask: np.ndarray, min_pixels: int = 1) -> list[np.ndarray]:
     """Background regions (4-connected) enclosed by ``mask`` with at least ``min_pixels`` pixels, largest
     first. Background touching the array's border is never a hole."""
     mask = np.asarray(mask, bool)
-    inside = fill_holes(mask) & ~mask
-    labels, n = ndimage.label(inside, structure=FOUR)
-    if n == 0:
-        return []
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    order = [int(i) for i in np.argsort(-sizes, kind="stable") if sizes[i] >= min_pixels]
-    return [labels == i + 1 for i in order]
+    return _regions(fill_holes(mask) & ~mask, FOUR, min_pixels)
 
 
 def analyse_slice(mask: np.ndarray, rules: Optional[ShapeRules] = None, scale: float = 1.0) -> SliceShape:
