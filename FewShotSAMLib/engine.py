@@ -360,7 +360,7 @@ class VolumeSession:
                 if not (lo <= q <= hi):
                     break
                 # Prefetch a batch ahead along the run so the encoder works in batches.
-                ahead = [k for k in range(q, stop, step)][: self.backend.batch_size]
+                ahead = list(range(q, stop, step)[: self.backend.batch_size])
                 pv.embeddings(self.cache, ahead)
                 emb = self.cache.get(pv.key(q))
                 decoded = []
