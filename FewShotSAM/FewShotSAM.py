@@ -124,10 +124,10 @@ class FewShotSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             from FewShotSAMLib.prompts import available_generators
 
-            generators = available_generators()
+            generators = ["auto"] + available_generators()
             default = FewShotSAMMRML.default_generator()
         except Exception:  # noqa: BLE001 - missing dependencies: filled again after installing them
-            generators, default = ["fob", "boxprop"], "fob"
+            generators, default = ["auto", "boxprop", "fob"], "auto"
         self.ui.generatorComboBox.clear()
         for name in generators:
             self.ui.generatorComboBox.addItem(name)

@@ -62,6 +62,8 @@ REQUIRED_MODULES = {
     "segment_anything": "segment-anything",
     "huggingface_hub": "huggingface_hub",
     "ot": "POT",
+    "onnxruntime": "onnxruntime",  # the mask decoder on CPU: what keeps a point edit's re-run short
+    "onnx": "onnx",
 }
 
 
@@ -246,15 +248,10 @@ def check_same_frame(volume_node, segmentation_node) -> None:
             "different transforms; put both under the same transform (or harden it) first.")
 
 
-def segment_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
-    """The segment as a bool array on the volume's voxel grid (numpy order).
-
-    The segment's labelmap may cover only part of the volume (the Segment Editor crops it), but its grid
-    must be the volume's grid; a segment painted on a volume of another geometry is a UserInputError.
-    """
+def _segment_labelmap(segmentation_node, segment_id: str):
+    """The segment's binary labelmap (vtkOrientedImageData), or None when it holds no voxels."""
     ensure_segmentation_converters()
     _segment(segmentation_node, segment_id)
-    shape = tuple(reversed(volume_node.GetImageData().GetDimensions()))
     if not segmentation_node.GetSegmentation().ContainsRepresentation(
             slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()):
         segmentation_node.CreateBinaryLabelmapRepresentation()
@@ -262,6 +259,19 @@ def segment_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
     segmentation_node.GetBinaryLabelmapRepresentation(segment_id, labelmap)
     ext = labelmap.GetExtent()
     if labelmap.GetPointData().GetScalars() is None or ext[1] < ext[0] or ext[3] < ext[2] or ext[5] < ext[4]:
+        return None
+    return labelmap
+
+
+def segment_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
+    """The segment as a bool array on the volume's voxel grid (numpy order).
+
+    The segment's labelmap may cover only part of the volume (the Segment Editor crops it), but its grid
+    must be the volume's grid; a segment painted on a volume of another geometry is a UserInputError.
+    """
+    shape = tuple(reversed(volume_node.GetImageData().GetDimensions()))
+    labelmap = _segment_labelmap(segmentation_node, segment_id)
+    if labelmap is None:
         return np.zeros(shape, bool)
     if not _same_grid(labelmap, volume_node):
         raise UserInputError(
@@ -297,25 +307,102 @@ def _same_grid(labelmap, volume_node, tol: float = 1e-3) -> bool:
     return bool(np.allclose(offset, np.round(offset), atol=0.05))
 
 
+def _runs(slices: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted slice numbers -> (first, last) of each run of consecutive numbers."""
+    out: list[list[int]] = []
+    for k in sorted(set(int(v) for v in slices)):
+        if out and k == out[-1][1] + 1:
+            out[-1][1] = k
+        else:
+            out.append([k, k])
+    return [(lo, hi) for lo, hi in out]
+
+
+def _slab_image(volume_node, axis: int, lo: int, hi: int, values: Optional[np.ndarray] = None):
+    """An oriented image on the volume's grid covering only slices lo..hi along numpy ``axis``; filled
+    with ``values`` (numpy order, the slab's shape) when given."""
+    dims = volume_node.GetImageData().GetDimensions()
+    extent = [0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1]
+    v = 2 - int(axis)  # numpy axis 0 is VTK's k
+    extent[2 * v], extent[2 * v + 1] = int(lo), int(hi)
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(*extent)
+    image.SetImageToWorldMatrix(_array_to_matrix(ijk_to_ras(volume_node)))
+    if values is not None:
+        image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+        _oriented_image_array(image)[:] = np.asarray(values).astype(np.uint8)
+    return image
+
+
+def segment_slices(segmentation_node, segment_id: str, volume_node, axis: int,
+                   slices: Sequence[int]) -> dict[int, np.ndarray]:
+    """The segment on ``slices`` along numpy ``axis`` (bool 2D arrays), reading only those slices' slabs:
+    a re-run of one slice costs one slice, not the volume."""
+    labelmap = _segment_labelmap(segmentation_node, segment_id)
+    empty = labelmap is None
+    if not empty and not _same_grid(labelmap, volume_node):
+        return {k: np.take(segment_mask(segmentation_node, segment_id, volume_node), k, axis=axis)
+                for k in slices}  # raises the clear error
+    out: dict[int, np.ndarray] = {}
+    for lo, hi in _runs(slices):
+        if empty:
+            slab = np.zeros(_oriented_image_array(_slab_image(volume_node, axis, lo, hi, 0)).shape, bool)
+        else:
+            res = slicer.vtkOrientedImageData()
+            slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+                labelmap, _slab_image(volume_node, axis, lo, hi), res, False, False)
+            slab = _oriented_image_array(res) > 0
+        for k in range(lo, hi + 1):
+            out[k] = np.take(slab, k - lo, axis=axis).copy()
+    return out
+
+
 def set_segment_mask(segmentation_node, segment_id: str, volume_node, mask: np.ndarray,
-                     axis: Optional[int] = None, slices: Optional[Sequence[int]] = None,
-                     current: Optional[np.ndarray] = None) -> None:
+                     axis: Optional[int] = None, slices: Optional[Sequence[int]] = None) -> None:
     """Write ``mask`` (volume's grid, numpy order) into the segment; with ``axis`` and ``slices`` only those
-    slices of ``mask`` are taken and the rest of the segment (``current``, read when not given) is kept."""
+    slices of ``mask`` are written, slab by slab, and the rest of the segment is not read or touched."""
     ensure_segmentation_converters()
     _segment(segmentation_node, segment_id)
     mask = np.asarray(mask, bool)
-    if axis is not None and slices is not None:
-        full = segment_mask(segmentation_node, segment_id, volume_node) if current is None else current.copy()
-        index = [slice(None)] * 3
-        index[int(axis)] = list(slices)
-        full[tuple(index)] = mask[tuple(index)]
-        mask = full
-    image = oriented_image_like(volume_node, mask)
     logic = slicer.vtkSlicerSegmentationsModuleLogic
+    if axis is not None and slices is not None:
+        _write_slab(segmentation_node, segment_id, volume_node, axis, 0, mask, slices)
+        return
+    image = oriented_image_like(volume_node, mask)
     if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, logic.MODE_REPLACE,
                                             image.GetExtent()):
         raise RuntimeError(f"Could not write the segment '{segment_id}' of '{segmentation_node.GetName()}'.")
+
+
+def write_segment_slices(segmentation_node, segment_id: str, volume_node, axis: int,
+                         slices: dict[int, np.ndarray]) -> None:
+    """Write 2D masks ``{slice: mask}`` along numpy ``axis`` into the segment, touching only those slices."""
+    if not slices:
+        return
+    shape = list(tuple(reversed(volume_node.GetImageData().GetDimensions())))
+    lo, hi = min(slices), max(slices)
+    shape[int(axis)] = hi - lo + 1
+    slab = np.zeros(shape, bool)
+    for k, m in slices.items():
+        index = [slice(None)] * 3
+        index[int(axis)] = k - lo
+        slab[tuple(index)] = m
+    _write_slab(segmentation_node, segment_id, volume_node, axis, lo, slab, [k - lo for k in slices])
+
+
+def _write_slab(segmentation_node, segment_id: str, volume_node, axis: int, offset: int, slab: np.ndarray,
+                local_slices: Sequence[int]) -> None:
+    """Write slices ``local_slices`` of ``slab`` (whose slice 0 is the volume's slice ``offset`` along numpy
+    ``axis``) run by run. Inside a run's extent MIN leaves (old AND new) and MAX then makes it new; outside
+    the extent the segment is not touched."""
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    for a, b in _runs(local_slices):
+        index = [slice(None)] * 3
+        index[int(axis)] = slice(a, b + 1)
+        image = _slab_image(volume_node, axis, a + offset, b + offset, slab[tuple(index)])
+        for mode in (logic.MODE_MERGE_MIN, logic.MODE_MERGE_MAX):
+            if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, mode, image.GetExtent()):
+                raise RuntimeError(f"Could not write the segment '{segment_id}' of '{segmentation_node.GetName()}'.")
 
 
 def add_output_segment(segmentation_node, name: str, color: Sequence[float]) -> str:
@@ -635,8 +722,7 @@ class PromptEditor:
         t0 = time.perf_counter()
         now = self.current_points()
         slices = sorted(set(int(k) for k in slices))
-        before_masks = segment_mask(s.segmentation_node, s.segment_id, s.volume_node)
-        before_slices = {k: np.take(before_masks, k, axis=s.axis).copy() for k in slices}
+        before_slices = segment_slices(s.segmentation_node, s.segment_id, s.volume_node, s.axis, slices)
         before_points = dict(s.points)
         fg_before = read_point_list(s.fg_node, s.volume_node, s.axis) if s.fg_node is not None else {}
         bg_before = read_point_list(s.bg_node, s.volume_node, s.axis) if s.bg_node is not None else {}
@@ -649,13 +735,11 @@ class PromptEditor:
                 prev_fg[k] = before_points[k].fg
                 prev_bg[k] = before_points[k].bg
 
-        new = np.zeros_like(before_masks)
+        new: dict[int, np.ndarray] = {}
         for k in slices:
             pts = now.get(k, SlicePoints())
-            sl = [slice(None)] * 3
-            sl[s.axis] = k
             if k in s.painted and not len(pts.fg) and not len(pts.bg):
-                new[tuple(sl)] = s.painted[k]
+                new[k] = s.painted[k]
                 continue
             box = s.boxes.get(k)
             if box is None and k in s.painted:
@@ -666,8 +750,8 @@ class PromptEditor:
                     box = slice_to_volume_index(s.axis, k, [[rows.min(), cols.min()], [rows.max(), cols.max()]])
             prompts = s.session.prompts_from_voxels(s.axis, pts.fg, pts.bg, box)
             mask2d, _score = s.session.decode_slice(s.axis, k, prompts)
-            new[tuple(sl)] = mask2d
-        set_segment_mask(s.segmentation_node, s.segment_id, s.volume_node, new, s.axis, slices, before_masks)
+            new[k] = mask2d
+        write_segment_slices(s.segmentation_node, s.segment_id, s.volume_node, s.axis, new)
         s.points = {k: v for k, v in s.points.items() if k not in slices}
         for k in slices:
             if k in now:
@@ -680,12 +764,7 @@ class PromptEditor:
                     relabel_point_list(node, s.volume_node, s.axis)
 
         def restore() -> None:
-            full = np.zeros_like(before_masks)
-            for k, m in before_slices.items():
-                sl = [slice(None)] * 3
-                sl[s.axis] = k
-                full[tuple(sl)] = m
-            set_segment_mask(s.segmentation_node, s.segment_id, s.volume_node, full, s.axis, slices)
+            write_segment_slices(s.segmentation_node, s.segment_id, s.volume_node, s.axis, before_slices)
             with self.blocked():
                 if s.fg_node is not None:
                     write_point_list(s.fg_node, s.volume_node, prev_fg)
@@ -711,25 +790,27 @@ class PromptEditor:
 # ----------------------------------------------------------------------------------------------------
 # The console batch API (the Slicer Logic class inherits this)
 # ----------------------------------------------------------------------------------------------------
-def resolve_generator(name: Optional[str]) -> str:
-    """'fob' when asked and available; without FoB, the library's default generator (logged)."""
-    from FewShotSAMLib.prompts import DEFAULT_GENERATOR, available_generators
+def resolve_generator(name: Optional[str], sam: str = "litemedsam") -> str:
+    """The generator to run: 'auto' (or nothing) is the one that measured best for ``sam``
+    (``FewShotSAMLib.prompts.recommended_generator``); 'fob' without FoB installed falls back to it (logged)."""
+    from FewShotSAMLib.prompts import available_generators, recommended_generator
 
     available = available_generators()
-    name = (name or "fob").lower()
+    name = (name or "auto").lower()
+    if name == "auto":
+        return recommended_generator(sam)
     if name == "fob" and "fob" not in available:
-        log.warning("The FoB prompt generator is not installed; using '%s' instead.", DEFAULT_GENERATOR)
-        return DEFAULT_GENERATOR
+        fallback = recommended_generator(sam)
+        log.warning("The FoB prompt generator is not installed; using '%s' instead.", fallback)
+        return fallback
     if name not in available:
-        raise UserInputError(f"Unknown prompt generator '{name}'; choose one of {', '.join(available)}.")
+        raise UserInputError(f"Unknown prompt generator '{name}'; choose auto or one of {', '.join(available)}.")
     return name
 
 
 def default_generator() -> str:
-    """The panel's default: 'fob' when available, else the library's default."""
-    from FewShotSAMLib.prompts import DEFAULT_GENERATOR, available_generators
-
-    return "fob" if "fob" in available_generators() else DEFAULT_GENERATOR
+    """The panel's default: 'auto' (the generator that measured best for the chosen SAM model)."""
+    return "auto"
 
 
 def parse_extent(extent) -> Union[str, tuple]:
@@ -832,7 +913,7 @@ class SegmentFromExampleLogic:
         return outcome["result"]
 
     # ---- the API --------------------------------------------------------------------------------
-    def segmentFromExample(self, volumeNode, segmentationNode, segmentId: str, generator: str = "fob",
+    def segmentFromExample(self, volumeNode, segmentationNode, segmentId: str, generator: str = "auto",
                            sam: str = "litemedsam", device: str = "auto", extent="auto", showPrompts: bool = True,
                            outputSegmentId: Optional[str] = None,
                            progress: Optional[Callable[[int, int], None]] = None,
@@ -857,7 +938,7 @@ class SegmentFromExampleLogic:
                 raise UserInputError("The output segment is the painted example; choose another segment to "
                                      "overwrite or create a new one (the example is never altered).")
             _segment(segmentationNode, outputSegmentId)
-        generator = resolve_generator(generator)
+        generator = resolve_generator(generator, sam)
         extent = parse_extent(extent)
         image = volume_array(volumeNode)
         example = segment_mask(segmentationNode, segmentId, volumeNode)

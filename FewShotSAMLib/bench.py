@@ -27,6 +27,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .errors import UserInputError
+from .volume import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=3, help="Interleaved encoder timing rounds (default 3).")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: PyTorch's choice).")
     p.add_argument("--skip", default="", help="Parts to skip, comma-separated: encoder, volume, rerun, startup, memory.")
-    p.add_argument("--memory-slices", type=int, default=600, help="Slices of the large CT segmented in the memory part (default 600, the full depth).")
-    p.add_argument("--memory-cap-mb", type=float, default=1024.0, help="Embedding-cache cap in the memory part (default 1024 MB).")
+    p.add_argument("--memory-slices", type=int, default=0, help="Slices of the large CT segmented in the memory part "
+                   "(default 0: the automatic extent of the painted liver; N: N slices around it, forced).")
+    p.add_argument("--memory-cap-mb", type=float, default=0,
+                   help="Embedding-cache cap in the memory part (default 0: the library's default cap).")
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -315,22 +318,30 @@ def bench_rerun(session, repeats: int = 20) -> dict:
         parts["cache_get"].append(t1 - t0)
         parts["decode"].append(t2 - t1)
         parts["to_native"].append(t3 - t2)
-    # The same re-run with one and with two intra-op threads, interleaved (small kernels on a busy
-    # machine can lose more to thread synchronisation than they gain).
-    import torch
-
-    default_threads = torch.get_num_threads()
-    by_threads: dict = {n: [] for n in sorted({1, 2, default_threads})}
-    for _ in range(max(3, repeats // 2)):
-        for n in by_threads:
-            torch.set_num_threads(n)
-            t = time.perf_counter()
-            session.decode_slice(res.axis, k, edited)
-            by_threads[n].append(time.perf_counter() - t)
-    torch.set_num_threads(default_threads)
-    return {"rerun_ms": 1000 * _median(times), "rerun_slice": k,
-            "rerun_parts_ms": {name: round(1000 * _median(v), 2) for name, v in parts.items()},
-            "rerun_ms_by_threads": {str(n): round(1000 * _median(v), 1) for n, v in by_threads.items()}}
+    # The same re-run with each decoder runtime the machine has, interleaved (ONNX Runtime is the CPU
+    # default when installed; PyTorch is the fallback).
+    backend = session.backend
+    runtime = backend.decoder_runtime
+    runtimes = [runtime] + [r for r in ("torch", "onnxruntime") if r != runtime
+                            and (r == "torch" or (backend.device.type == "cpu"
+                                                  and importlib.util.find_spec("onnxruntime") is not None))]
+    by_runtime: dict = {r: [] for r in runtimes}
+    try:
+        for _ in range(max(3, repeats // 2)):
+            for r in runtimes:
+                backend.decoder_runtime = r
+                t = time.perf_counter()
+                session.decode_slice(res.axis, k, edited)
+                by_runtime[r].append(time.perf_counter() - t)
+    finally:
+        backend.decoder_runtime = runtime
+    out = {"rerun_ms": 1000 * _median(times), "rerun_slice": k, "decoder_runtime": runtime,
+           "rerun_parts_ms": {name: round(1000 * _median(v), 2) for name, v in parts.items()},
+           "rerun_ms_by_decoder_runtime": {r: round(1000 * _median(v), 1) for r, v in by_runtime.items()}}
+    if len(by_runtime) > 1 and "torch" in by_runtime:
+        out["decoder_onnxruntime_speedup_vs_torch"] = round(_median(by_runtime["torch"]) /
+                                                            _median(by_runtime["onnxruntime"]), 2)
+    return out
 
 
 _STARTUP_CHILD = r"""
@@ -348,6 +359,19 @@ base.SamBackend._run_encoder = first_encode
 from FewShotSAMLib.cli import main
 sys.exit(main(sys.argv[2:]))
 """
+
+
+def bench_rerun_mrml(data_dir: Path) -> dict:
+    """The re-run latency through the Slicer module's MRML code (``tools/bench_slicer_rerun.py`` in a child
+    process, since the library never imports slicer); {} with a note when slicer-core is not installed."""
+    script = REPO_ROOT / "tools" / "bench_slicer_rerun.py"
+    if importlib.util.find_spec("slicer") is None or not script.exists():
+        return {"rerun_mrml_note": "slicer-core is not installed: pip install slicer-core"}
+    proc = subprocess.run([sys.executable, str(script), str(data_dir)], capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH_MRML "):
+            return json.loads(line[len("BENCH_MRML "):])
+    raise RuntimeError(f"the MRML re-run benchmark failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
 
 
 def bench_startup(volume: Path, labels: Path, organ: int) -> dict:
@@ -399,60 +423,92 @@ def make_large_ct(data_dir: Path, depth: int = 600, size: int = 512):
         return read_volume(p_img), read_volume(p_lab)
 
 
-_MEMORY_CHILD = r"""
-import json, sys, time, logging
-logging.basicConfig(level=logging.WARNING)
+_MEMORY_BUILD = r"""
+import json, sys
 from pathlib import Path
-from FewShotSAMLib.bench import memory_run
-print("BENCH_MEMORY " + json.dumps(memory_run(Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5])))
+from FewShotSAMLib.bench import write_large_ct_case
+print("BENCH_CT " + json.dumps(write_large_ct_case(Path(sys.argv[1]), Path(sys.argv[2]))))
+"""
+
+_MEMORY_MEASURE = r"""
+import json, resource, subprocess, sys, time
+t = time.perf_counter()
+proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+print("BENCH_MEMORY " + json.dumps({"returncode": proc.returncode, "stderr": proc.stderr[-2000:],
+      "seconds": time.perf_counter() - t,
+      "peak_rss_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9}))
 """
 
 
-def memory_run(data_dir: Path, n_slices: int, cap_mb: float, fast: str, device: str) -> dict:
-    """The memory part (run in a child process): segment the liver of the 512 x 512 x 600 CT over
-    ``n_slices`` slices around the painted one (forced range) with the cache capped at ``cap_mb``."""
-    from .engine import VolumeSession
-    from .sam.cache import EmbeddingCache
+def write_large_ct_case(data_dir: Path, out_dir: Path) -> dict:
+    """Write the 512 x 512 x 600 CT (:func:`make_large_ct`) and an example with the liver painted on its
+    middle slice into ``out_dir`` (uncompressed NIfTI); returns the slicing axis, painted slice and depth."""
+    import SimpleITK as sitk
 
-    t = time.perf_counter()
+    from .volume import to_sitk
+
     image, labels = make_large_ct(data_dir)
     liver = labels.array == 5
-    del labels
     axis = int(np.argmax(image.array.shape) if image.array.shape.count(max(image.array.shape)) == 1 else 0)
     other = tuple(a for a in range(3) if a != axis)
     zs = np.flatnonzero(liver.any(axis=other))
     painted = int(zs[len(zs) // 2])
-    example = np.zeros_like(liver)
+    example = np.zeros(liver.shape, np.uint8)
     idx = [slice(None)] * 3
     idx[axis] = painted
     example[tuple(idx)] = liver[tuple(idx)]
-    del liver
-    n = image.array.shape[axis]
-    lo = max(0, min(painted - n_slices // 2, n - n_slices))
-    hi = min(n - 1, lo + n_slices - 1)
-    built_s = time.perf_counter() - t
-    rss_before = _peak_rss_gb()
-    backend = _make_backend(EncoderVariant.parse(fast), device)
-    cache = EmbeddingCache(backend, cap_bytes=int(cap_mb * 2**20))
-    session = VolumeSession(image.array, image.spacing, sam=backend, cache=cache, metadata=image.metadata)
-    t = time.perf_counter()
-    res = session.segment(example, axis=axis, extent=(lo, hi))
-    return {"peak_rss_gb": _peak_rss_gb(), "peak_rss_after_building_ct_gb": rss_before,
-            "ct_shape": list(image.array.shape), "ct_dtype": str(image.array.dtype), "axis": axis,
-            "slices_segmented": hi - lo + 1, "slices_encoded": cache.encoded, "cache_cap_mb": cap_mb,
-            "cache_memory_mb": cache.memory_bytes / 2**20, "cache_spilled": cache.spilled,
-            "segment_s": time.perf_counter() - t, "build_ct_s": built_s, "mask_voxels": int(res.mask.sum())}
+    sitk.WriteImage(to_sitk(image), str(out_dir / "ct.nii"))
+    sitk.WriteImage(to_sitk(labels, example), str(out_dir / "example.nii"))
+    return {"ct_shape": list(image.array.shape), "ct_dtype": str(image.array.dtype), "axis": axis,
+            "painted": painted, "liver_slices": [int(zs[0]), int(zs[-1])], "depth": int(image.array.shape[axis])}
 
 
-def bench_memory(data_dir: Path, n_slices: int, cap_mb: float, fast: str, device: str) -> dict:
-    """Run :func:`memory_run` in a fresh process and return its figures."""
+def bench_memory(data_dir: Path, n_slices: int, cap_mb: float, device: str) -> dict:
+    """Peak resident memory of ``python -m FewShotSAMLib segment`` on the 512 x 512 x 600 CT, run the way a
+    user runs it, in a fresh process whose peak (VmHWM of that process alone) is read after it ends.
+    ``n_slices`` 0 = automatic extent; otherwise that many slices around the painted one (forced range).
+    The cache cap (``cap_mb``; 0 = the library's default) is passed through FEWSHOTSAM_CACHE_CAP_MB."""
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(data_dir), str(n_slices), str(cap_mb), fast,
-                           device], capture_output=True, text=True, env=env)
-    for line in proc.stdout.splitlines():
-        if line.startswith("BENCH_MEMORY "):
-            return json.loads(line[len("BENCH_MEMORY "):])
-    raise RuntimeError(f"the memory child failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    with tempfile.TemporaryDirectory(prefix="fewshotsam-bench-ct-") as tmp:
+        tmp_path = Path(tmp)
+        proc = subprocess.run([sys.executable, "-c", _MEMORY_BUILD, str(data_dir), tmp], capture_output=True,
+                              text=True, env=env)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_CT ")]
+        if proc.returncode or not lines:
+            raise RuntimeError(f"building the large CT failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+        ct = json.loads(lines[0][len("BENCH_CT "):])
+        extent = "auto"
+        if n_slices:
+            lo = max(0, min(ct["painted"] - n_slices // 2, ct["depth"] - n_slices))
+            extent = f"{lo}:{min(ct['depth'] - 1, lo + n_slices - 1)}"
+        cmd = [sys.executable, "-m", "FewShotSAMLib", "segment", str(tmp_path / "ct.nii"), "--example",
+               str(tmp_path / "example.nii"), "--output", str(tmp_path / "out.nii.gz"), "--range", extent,
+               "--device", device, "--quiet"]
+        if cap_mb:
+            env["FEWSHOTSAM_CACHE_CAP_MB"] = str(cap_mb)
+        else:
+            env.pop("FEWSHOTSAM_CACHE_CAP_MB", None)
+        proc = subprocess.run([sys.executable, "-c", _MEMORY_MEASURE, *cmd], capture_output=True, text=True, env=env)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_MEMORY ")]
+        if proc.returncode or not lines:
+            raise RuntimeError(f"the memory measurement failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+        got = json.loads(lines[0][len("BENCH_MEMORY "):])
+        if got["returncode"]:
+            raise RuntimeError(f"segment failed on the large CT (exit {got['returncode']}): {got['stderr']}")
+        out_mask = read_volume_array(tmp_path / "out.nii.gz")
+    axis = ct["axis"]
+    other = tuple(a for a in range(3) if a != axis)
+    seg = np.flatnonzero(out_mask.any(axis=other))
+    return {**ct, "range": extent, "cache_cap_mb": cap_mb or "library default", "peak_rss_gb": got["peak_rss_gb"],
+            "segment_s": got["seconds"], "segmented_slices": [int(seg[0]), int(seg[-1])] if seg.size else [],
+            "mask_voxels": int(out_mask.sum())}
+
+
+def read_volume_array(path: Path) -> np.ndarray:
+    """The voxel array of an image file (numpy order), for checking an output."""
+    from .volume import read_volume
+
+    return read_volume(path).array
 
 
 # ---- the command ---------------------------------------------------------------------------------
@@ -513,11 +569,12 @@ def run(args: argparse.Namespace) -> int:
             out["four_organs_plain_reencode_estimate_s"] = len(organs) * fig["volume_slices"] * out["encoder_plain_s_per_slice"]
         if "rerun" not in skip:
             out.update(bench_rerun(session))
+            out.update(bench_rerun_mrml(data_dir))
     if "startup" not in skip:
         out.update(bench_startup(vol_path, lab_path, organs[0]))
     out["peak_rss_gb_main"] = _peak_rss_gb()
     if "memory" not in skip:
-        mem = bench_memory(data_dir, args.memory_slices, args.memory_cap_mb, fast.label, device)
+        mem = bench_memory(data_dir, args.memory_slices, args.memory_cap_mb, device)
         out["memory"] = mem
         out["peak_rss_gb"] = mem["peak_rss_gb"]
     else:
@@ -525,7 +582,7 @@ def run(args: argparse.Namespace) -> int:
     out["load_average_end"] = _load_average()
     _print_summary(out)
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2, default=float))
+        atomic_write_text(args.json, json.dumps(out, indent=2, default=float))
     return 0
 
 
@@ -537,7 +594,7 @@ def _print_summary(out: dict) -> None:
         lines.append(f"encoder {label:24s} {d['s_per_slice']:.3f} s/slice  x{d['speedup_vs_plain']:.2f} vs plain  "
                      f"(max rel diff {d['max_rel_diff']:.1e}, cos {d['mean_cos']:.5f})")
     for key in ("one_encode_pass_s", "four_organs_s", "one_organ_s", "four_organs_over_one_encode_pass",
-                "speedup_vs_reencode_estimate", "generator_s_per_slice", "decoder_s_per_call", "rerun_ms",
+                "speedup_vs_reencode_estimate", "generator_s_per_slice", "decoder_s_per_call", "rerun_ms", "rerun_mrml_ms",
                 "startup_to_first_encode_s", "startup_cpu_s", "peak_rss_gb"):
         if key in out:
             lines.append(f"{key:34s} {out[key]:.4g}")
@@ -545,6 +602,6 @@ def _print_summary(out: dict) -> None:
         lines.append("organs: " + ", ".join(f"{k} dice {v['dice']:.3f} ({v['seconds']} s)" for k, v in out["organs"].items()))
     if "memory" in out:
         m = out["memory"]
-        lines.append(f"memory: CT {m['ct_shape']}, {m['slices_segmented']} slices, cache cap {m['cache_cap_mb']} MB "
-                     f"(held {m['cache_memory_mb']:.0f} MB, spilled {m['cache_spilled']}), peak RSS {m['peak_rss_gb']:.2f} GB")
+        lines.append(f"memory: `segment` on CT {m['ct_shape']}, range {m['range']} (segmented {m['segmented_slices']}), "
+                     f"cache cap {m['cache_cap_mb']} MB, peak RSS {m['peak_rss_gb']:.2f} GB in {m['segment_s']:.0f} s")
     print("\n".join(lines))

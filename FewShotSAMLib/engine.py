@@ -133,7 +133,13 @@ def keep_connected_to(mask: np.ndarray, seed: np.ndarray) -> np.ndarray:
     union = mask | seed
     if not union.any():
         return union
-    box = tuple(slice(int(idx.min()), int(idx.max()) + 1) for idx in np.nonzero(union))
+    # the bounding box from per-axis projections (np.nonzero would make three int64 index arrays as
+    # long as the mask has voxels: hundreds of MB for an organ in a large CT)
+    box = []
+    for axis in range(3):
+        hit = np.flatnonzero(union.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    box = tuple(box)
     labels, n = ndimage.label(union[box], structure=np.ones((3, 3, 3), bool))
     if n <= 1:
         return union
@@ -199,13 +205,13 @@ class VolumeSession:
         if min(image.shape) < 1:
             raise UserInputError("The image is empty.")
         from .sam import SamBackend, load_backend
-        from .sam.cache import DEFAULT_CAP_BYTES, EmbeddingCache
+        from .sam.cache import EmbeddingCache
 
         self.image = image
         self.spacing = np.asarray(spacing, dtype=float)
         self.backend = sam if isinstance(sam, SamBackend) else load_backend(sam, device)
         self.intensity = intensity or choose_intensity(image, metadata)
-        self.cache = cache or EmbeddingCache(self.backend, cache_cap_bytes or DEFAULT_CAP_BYTES)
+        self.cache = cache or EmbeddingCache(self.backend, cache_cap_bytes)
         self._prepared: dict[int, PreparedVolume] = {}
 
     def prepared(self, axis: int) -> PreparedVolume:

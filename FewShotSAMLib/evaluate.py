@@ -35,10 +35,14 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from .errors import UserInputError
+from .volume import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 ORGANS: dict[int, str] = {1: "liver", 2: "right_kidney", 3: "left_kidney", 4: "spleen"}
+# Targets made of several labels, painted and scored as one (issue "pieces and holes"): --organs 2+3
+COMBINED: dict[int, tuple[str, tuple[int, ...]]] = {23: ("both_kidneys", (2, 3))}
+TARGET_NAMES: dict[int, str] = {**ORGANS, **{k: name for k, (name, _) in COMBINED.items()}}
 FOLD_POSITIONS: list[list[int]] = [[0, 1, 2, 3, 4], [4, 5, 6, 7, 8], [8, 9, 10, 11, 12], [12, 13, 14, 15, 16],
                                    [16, 17, 18, 19, 0]]
 SUPPORT_POSITION = 2
@@ -107,9 +111,36 @@ def parse_folds(text: str) -> list[int]:
     return sorted(out)
 
 
+def target_mask(label: np.ndarray, organ: int) -> np.ndarray:
+    """Where ``label`` holds target ``organ`` (a label value, or a COMBINED key for several labels)."""
+    return np.isin(label, COMBINED[organ][1]) if organ in COMBINED else label == organ
+
+
+def parse_organs(text: str) -> list[int]:
+    """'1,2,3,4' or '2+3' (both kidneys as one target) -> target keys."""
+    keys = []
+    for token in (t.strip() for t in str(text).split(",")):
+        if not token:
+            continue
+        if "+" in token:
+            labels = tuple(sorted(int(v) for v in token.split("+") if v.strip().isdigit()))
+            key = next((k for k, (_, ls) in COMBINED.items() if ls == labels), None)
+            if key is None:
+                raise UserInputError(f"--organs: '{token}' is not a known combined target; use 2+3 (both kidneys).")
+            keys.append(key)
+        elif token.isdigit() and int(token) in ORGANS:
+            keys.append(int(token))
+        else:
+            raise UserInputError(f"--organs: '{token}' is not one of 1, 2, 3, 4 (liver, right kidney, left kidney, "
+                                 "spleen) or 2+3 (both kidneys as one target).")
+    if not keys:
+        raise UserInputError("--organs is empty; give label numbers such as 1,2,3,4.")
+    return keys
+
+
 def organ_slices(label: np.ndarray, organ: int) -> np.ndarray:
     """Indices (axis 0) of the slices that hold ``organ``."""
-    return np.flatnonzero((label == organ).any(axis=(1, 2)))
+    return np.flatnonzero(target_mask(label, organ).any(axis=(1, 2)))
 
 
 def support_slice_indices(slices: Sequence[int]) -> list[int]:
@@ -190,8 +221,10 @@ def fob_weights_path(pattern: str, fold: int, setting: int) -> Path:
     return Path(pattern.format(fold=fold, setting=setting))
 
 
-def make_method(name: str, fold: int, setting: int, fob_pattern: str = FOB_WEIGHTS_PATTERN):
-    """The generator for ``name`` on ``fold``; for fob the fold's model, or None when its weights are absent."""
+def make_method(name: str, fold: int, setting: int, fob_pattern: str = FOB_WEIGHTS_PATTERN,
+                fob_mode: Optional[str] = None):
+    """The generator for ``name`` on ``fold``; for fob the fold's model (prompt mode ``fob_mode``, None for
+    the one recorded with the weights), or None when its weights are absent."""
     from .prompts import make_generator
 
     if name == "fob":
@@ -200,7 +233,7 @@ def make_method(name: str, fold: int, setting: int, fob_pattern: str = FOB_WEIGH
             return None
         from .prompts.fob import FoBGenerator
 
-        return FoBGenerator(weights=str(path))
+        return FoBGenerator(weights=str(path), mode=fob_mode)
     return make_generator(name)
 
 
@@ -222,11 +255,11 @@ def fewshot_volume(store: CaseStore, generator, support_case: Case, query_case: 
     backend = store.backend
     spv, qpv = support_case.prepared, query_case.prepared
     sup_idx = support_slice_indices(organ_slices(support_case.label, organ))
-    supports = [Support(store.embedding(support_case, i), spv.mask_to_model(support_case.label[i] == organ), i)
+    supports = [Support(store.embedding(support_case, i), spv.mask_to_model(target_mask(support_case.label[i], organ)), i)
                 for i in sup_idx]
     q_slices = organ_slices(query_case.label, organ)
     pred = np.zeros((len(q_slices),) + query_case.label.shape[1:], bool)
-    truth = query_case.label[q_slices] == organ
+    truth = target_mask(query_case.label[q_slices], organ)
     seconds = 0.0
     k = 0
     for j, chunk in enumerate(query_chunks(q_slices)):
@@ -251,7 +284,7 @@ def product_volume(store: CaseStore, generator, case: Case, organ: int) -> dict:
 
     sl = organ_slices(case.label, organ)
     painted = int(sl[len(sl) // 2])
-    truth = case.label == organ
+    truth = target_mask(case.label, organ)
     example = np.zeros_like(truth)
     example[painted] = truth[painted]
     session = VolumeSession(case.image, case.spacing, sam=store.backend, intensity=case.prepared.intensity,
@@ -271,7 +304,7 @@ def product_volume(store: CaseStore, generator, case: Case, organ: int) -> dict:
 def evaluate(store: CaseStore, protocol: str, methods: Sequence[str], folds: dict[int, list[int]], setting: int,
              organs: Sequence[int] = tuple(ORGANS), fob_pattern: str = FOB_WEIGHTS_PATTERN,
              progress: Optional[Callable[[str], None]] = None,
-             on_fold: Optional[Callable[[dict], None]] = None) -> dict:
+             on_fold: Optional[Callable[[dict], None]] = None, fob_mode: Optional[str] = None) -> dict:
     """Run ``protocol`` for ``methods`` over ``folds`` ({fold: [volume ids], support at position 2}).
 
     Folds are the outer loop (every method on fold k before fold k+1), so ``on_fold(partial_result)``
@@ -280,7 +313,7 @@ def evaluate(store: CaseStore, protocol: str, methods: Sequence[str], folds: dic
     if protocol not in ("fewshot", "product"):
         raise UserInputError(f"Unknown protocol '{protocol}'; use fewshot or product.")
     out = {"protocol": protocol, "setting": int(setting), "sam": store.backend.name,
-           "folds": {str(k): v for k, v in folds.items()}, "organs": [ORGANS[o] for o in organs],
+           "folds": {str(k): v for k, v in folds.items()}, "organs": [TARGET_NAMES[o] for o in organs],
            "methods": {}, "skipped": {}, "complete": False}
     records: dict[str, list] = {m: [] for m in methods}
     seconds = {m: 0.0 for m in methods}
@@ -289,7 +322,7 @@ def evaluate(store: CaseStore, protocol: str, methods: Sequence[str], folds: dic
         for name in methods:
             if name in out["skipped"]:
                 continue
-            gen = make_method(name, fold, setting, fob_pattern)
+            gen = make_method(name, fold, setting, fob_pattern, fob_mode)
             if gen is None:
                 msg = (f"no FoB weights at {fob_weights_path(fob_pattern, fold, setting)} (train the fold's model "
                        "first or pass --fob-weights)")
@@ -303,22 +336,22 @@ def evaluate(store: CaseStore, protocol: str, methods: Sequence[str], folds: dic
                     for qid in queries:
                         d, n, sec = fewshot_volume(store, gen, support, store.get(qid), organ)
                         records[name].append({"fold": fold, "volume": qid, "support": support.id,
-                                              "organ": ORGANS[organ], "dice": round(d, 4), "slices": n})
+                                              "organ": TARGET_NAMES[organ], "dice": round(d, 4), "slices": n})
                         seconds[name] += sec
                         n_slices[name] += n
                         if progress:
-                            progress(f"{name} fold {fold} {ORGANS[organ]} volume {qid}: Dice {d:.2f}")
+                            progress(f"{name} fold {fold} {TARGET_NAMES[organ]} volume {qid}: Dice {d:.2f}")
             else:
                 for organ in organs:
                     for vid in ids:
                         r = product_volume(store, gen, store.get(vid), organ)
                         seconds[name] += r.pop("seconds")
                         n_slices[name] += r["slices"]
-                        records[name].append({"fold": fold, "volume": vid, "organ": ORGANS[organ],
+                        records[name].append({"fold": fold, "volume": vid, "organ": TARGET_NAMES[organ],
                                               **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}})
                         if progress:
-                            progress(f"{name} fold {fold} {ORGANS[organ]} volume {vid}: Dice {r['dice']:.2f}")
-        out["methods"] = {m: summarise(records[m], seconds[m] / max(1, n_slices[m]), [ORGANS[o] for o in organs])
+                            progress(f"{name} fold {fold} {TARGET_NAMES[organ]} volume {vid}: Dice {r['dice']:.2f}")
+        out["methods"] = {m: summarise(records[m], seconds[m] / max(1, n_slices[m]), [TARGET_NAMES[o] for o in organs])
                           for m in methods if records[m]}
         out["folds_done"] = sorted({r["fold"] for rs in records.values() for r in rs})
         if on_fold:
@@ -408,7 +441,7 @@ def write_report_section(path: str | Path, result: dict) -> None:
         text = text[:a] + block.rstrip("\n") + text[b:]
     else:
         text = (text.rstrip("\n") + "\n\n" if text else "") + block
-    p.write_text(text)
+    atomic_write_text(p, text)
 
 
 def plot(result: dict, path: str | Path) -> None:
@@ -436,7 +469,7 @@ def plot(result: dict, path: str | Path) -> None:
     ax.set_title(f"CHAOS, {result['protocol']} protocol, setting {result['setting']}, {result['sam']}")
     ax.legend(fontsize=8, ncol=min(3, len(names)))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -451,17 +484,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated generators: fob,persam,p2sam,synpo,boxprop,coarse")
     parser.add_argument("--folds", default="0-4", help="folds to run, e.g. 0-4 or 0,2")
     parser.add_argument("--setting", type=int, default=1, choices=[1, 2], help="1 or 2 (which FoB models)")
-    parser.add_argument("--organs", default="1,2,3,4", help="labels to evaluate (1 liver, 2 right kidney, "
-                        "3 left kidney, 4 spleen)")
+    parser.add_argument("--organs", default="1,2,3,4", help="labels to evaluate (1 liver, 2 right kidney, 3 left "
+                        "kidney, 4 spleen; 2+3 = both kidneys painted and scored as one target)")
     parser.add_argument("--sam", default="litemedsam", help="SAM backend name")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--cache-dir", default=".cache/embeddings", help="persistent embedding cache")
     parser.add_argument("--fob-weights", default=FOB_WEIGHTS_PATTERN,
                         help="FoB weights path pattern with {fold} and {setting}")
+    parser.add_argument("--fob-mode", choices=["points", "box", "box+bg", "box+points"],
+                        help="FoB prompt mode (default: the one recorded with the weights for the backend)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--decoder-threads", type=int, default=0,
+                        help="threads of the ONNX Runtime mask decoder (0: as --threads); e.g. --threads 1 "
+                        "--decoder-threads 2 keeps the small per-slice torch work single-threaded")
     parser.add_argument("--json", required=True, help="output JSON with every per-volume Dice")
     parser.add_argument("--report", help="Markdown file whose marked table section is written/replaced")
     parser.add_argument("--plot", help="output PNG bar chart")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other methods already in the --json file (same protocol, setting, SAM and "
+                        "folds) and add or replace this run's methods; the report and plot show them all")
+
+
+def load_for_merge(path: str | Path, protocol: str, setting: int, sam: str, folds: str) -> Optional[dict]:
+    """The earlier result in ``path`` that a ``--merge`` run adds to (None when there is no file yet);
+    a result of another protocol, setting, backend or fold list is a UserInputError."""
+    p = Path(path)
+    if not p.exists():
+        return None
+    try:
+        old = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"--merge: {p} is not a JSON file written by evaluate ({exc}); remove it or drop --merge.") from None
+    want = {"protocol": protocol, "setting": int(setting), "sam": sam,
+            "folds": [str(f) for f in parse_folds(folds)]}
+    have = {"protocol": old.get("protocol"), "setting": old.get("setting"), "sam": old.get("sam"),
+            "folds": list(old.get("folds", {}))}
+    if want != have or not old.get("complete", False):
+        raise UserInputError(f"--merge: {p} holds a different or unfinished run ({have}) than this one ({want}); "
+                             "write to another file or drop --merge.")
+    return old
+
+
+def merge_results(previous: dict, result: dict) -> dict:
+    """``result`` with the methods of ``previous`` that it does not re-run (kept first, in their order);
+    the wall time and run records of both are kept under ``runs``."""
+    merged = dict(result)
+    merged["methods"] = {**{k: v for k, v in previous["methods"].items() if k not in result["methods"]},
+                         **result["methods"]}
+    merged["skipped"] = {k: v for k, v in {**previous.get("skipped", {}), **result.get("skipped", {})}.items()
+                         if k not in merged["methods"]}
+    runs = previous.get("runs") or [{"methods": list(previous["methods"]), "wall_seconds": previous.get("wall_seconds"),
+                                     "encoded_slices": previous.get("encoded_slices")}]
+    merged["runs"] = runs + [{"methods": list(result["methods"]), "wall_seconds": result.get("wall_seconds"),
+                              "encoded_slices": result.get("encoded_slices")}]
+    return merged
 
 
 def run(args: argparse.Namespace) -> int:
@@ -475,37 +551,44 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(int(args.threads))
+    if args.decoder_threads:
+        import os
+
+        from .sam.base import DECODER_THREADS_ENV
+
+        os.environ[DECODER_THREADS_ENV] = str(int(args.decoder_threads))  # read when the decoder is built
     methods = [m.strip().lower() for m in str(args.methods).split(",") if m.strip()]
     unknown = [m for m in methods if m not in GENERATORS]
     if unknown or not methods:
         raise UserInputError(f"Unknown method(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(GENERATORS)}.")
-    try:
-        organs = [int(o) for o in str(args.organs).split(",") if o.strip()]
-    except ValueError:
-        raise UserInputError(f"--organs '{args.organs}' must be label numbers such as 1,2,3,4.") from None
-    if not organs or any(o not in ORGANS for o in organs):
-        raise UserInputError(f"--organs '{args.organs}' must be among 1,2,3,4.")
+    organs = parse_organs(args.organs)
     check_output_path(args.json, "JSON output")
+    previous = load_for_merge(args.json, args.protocol, args.setting, args.sam, args.folds) if args.merge else None
     for extra in (args.report, args.plot):
         if extra:
             check_output_path(extra)
     cases = list_cases(args.data)
     ids = [c[0] for c in cases]
     folds = {f: fold_volume_ids(ids, f) for f in parse_folds(args.folds)}
+    t0 = time.perf_counter()
+    def save_partial(partial: dict) -> None:
+        partial = merge_results(previous, partial) if previous else partial
+        atomic_write_text(args.json, json.dumps({**partial, "wall_seconds": round(time.perf_counter() - t0, 1)}, indent=1))
+        log.info("folds done: %s (partial results in %s)", partial["folds_done"], args.json)
+
     backend = load_backend(args.sam, args.device)
     cache = EmbeddingCache(backend, cap_bytes=256 << 20, persist_dir=args.cache_dir)
     store = CaseStore(cases, backend, cache)
-    t0 = time.perf_counter()
-    def save_partial(partial: dict) -> None:
-        Path(args.json).write_text(json.dumps({**partial, "wall_seconds": round(time.perf_counter() - t0, 1)}, indent=1))
-        log.info("folds done: %s (partial results in %s)", partial["folds_done"], args.json)
-
     result = evaluate(store, args.protocol, methods, folds, args.setting, organs, args.fob_weights,
-                      progress=lambda msg: log.info("%s", msg), on_fold=save_partial)
-    result["wall_seconds"] = round(time.perf_counter() - t0, 1)
+                      progress=lambda msg: log.info("%s", msg), on_fold=save_partial, fob_mode=args.fob_mode)
     result["encoded_slices"] = cache.encoded
+    result["wall_seconds"] = round(time.perf_counter() - t0, 1)
     result["setting_definition"] = SETTINGS[int(args.setting)]
-    Path(args.json).write_text(json.dumps(result, indent=1))
+    if args.fob_mode:
+        result["fob_mode"] = args.fob_mode
+    if previous:
+        result = merge_results(previous, result)
+    atomic_write_text(args.json, json.dumps(result, indent=1))
     if args.report:
         write_report_section(args.report, result)
     if args.plot and result["methods"]:
@@ -513,7 +596,7 @@ def run(args: argparse.Namespace) -> int:
     for name, m in result["methods"].items():
         log.info("%s: %.2f ± %.2f Dice %% (%s), %.3f s/slice", name, m["mean"], m["std_over_folds"],
                  ", ".join(f"{k} {v:.1f}" for k, v in m["per_organ"].items()), m["s_per_slice"])
-    log.info("wall time %.1f s, %d slices encoded", result["wall_seconds"], cache.encoded)
+    log.info("wall time %.1f s, %d slices encoded", result["wall_seconds"], result["encoded_slices"])
     return 0
 
 

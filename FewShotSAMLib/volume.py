@@ -163,6 +163,11 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         raise
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def write_label(vol: Volume, mask: np.ndarray, path: str | os.PathLike) -> None:
     """Write ``mask`` (uint8 labels) in ``vol``'s exact geometry, atomically."""
     import SimpleITK as sitk

@@ -173,6 +173,21 @@ def test_memory_cap_spills_to_disk_and_reads_back_bit_identical():
     cache.close()
 
 
+def test_cap_from_the_environment(monkeypatch):
+    from FewShotSAMLib.errors import UserInputError
+    from FewShotSAMLib.sam.cache import CAP_ENV, DEFAULT_CAP_BYTES
+
+    monkeypatch.delenv(CAP_ENV, raising=False)
+    assert EmbeddingCache(TinyBackend()).cap_bytes == DEFAULT_CAP_BYTES == 512 << 20
+    monkeypatch.setenv(CAP_ENV, "64")
+    assert EmbeddingCache(TinyBackend()).cap_bytes == 64 << 20
+    assert EmbeddingCache(TinyBackend(), cap_bytes=1000).cap_bytes == 1000  # an explicit cap wins
+    for bad in ("lots", "-5", "0"):
+        monkeypatch.setenv(CAP_ENV, bad)
+        with pytest.raises(UserInputError, match=CAP_ENV):
+            EmbeddingCache(TinyBackend())
+
+
 def test_persist_dir_serves_a_second_cache(tmp_path):
     first = TinyBackend()
     cache1 = EmbeddingCache(first, persist_dir=tmp_path)

@@ -84,6 +84,39 @@ def test_summarise_and_reports(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_combined_targets_and_organ_parsing():
+    assert E.parse_organs("1,2,3,4") == [1, 2, 3, 4]
+    assert E.parse_organs("2+3,1") == [23, 1] and E.parse_organs("3+2") == [23]
+    for bad in ("7", "1+4", "", "liver"):
+        with pytest.raises(UserInputError):
+            E.parse_organs(bad)
+    label = np.zeros((5, 4, 4), np.uint8)
+    label[1, 0, 0] = 2
+    label[3, 2, 2] = 3
+    label[2, 1, 1] = 1
+    np.testing.assert_array_equal(E.organ_slices(label, 23), [1, 3])
+    assert E.target_mask(label, 23).sum() == 2 and E.TARGET_NAMES[23] == "both_kidneys"
+
+
+def test_merge_adds_a_later_method(tmp_path):
+    """--merge keeps the methods of an earlier run of the same protocol, setting, backend and folds."""
+    m = E.summarise(records(), 0.25, list(E.ORGANS.values()))
+    earlier = {"protocol": "fewshot", "setting": 1, "sam": "litemedsam", "organs": list(E.ORGANS.values()),
+               "folds": {"0": IDS[:5], "1": IDS[4:9]}, "methods": {"coarse": m}, "skipped": {"fob": "no weights"},
+               "complete": True, "wall_seconds": 10.0}
+    path = tmp_path / "r.json"
+    path.write_text(E.json.dumps(earlier))
+    old = E.load_for_merge(path, "fewshot", 1, "litemedsam", "0,1")
+    merged = E.merge_results(old, dict(earlier, methods={"fob": m}, skipped={}, wall_seconds=5.0))
+    assert list(merged["methods"]) == ["coarse", "fob"] and merged["skipped"] == {}
+    assert [r["wall_seconds"] for r in merged["runs"]] == [10.0, 5.0]
+    for other in (("product", 1, "litemedsam", "0,1"), ("fewshot", 2, "litemedsam", "0,1"),
+                  ("fewshot", 1, "litemedsam", "0-4")):
+        with pytest.raises(UserInputError):
+            E.load_for_merge(path, *other)
+    assert E.load_for_merge(tmp_path / "absent.json", "fewshot", 1, "litemedsam", "0,1") is None
+
+
 def test_fob_is_skipped_without_weights(tmp_path):
     assert E.make_method("fob", 0, 1, str(tmp_path / "fold{fold}" / "s{setting}.pt")) is None
     assert E.fob_weights_path(E.FOB_WEIGHTS_PATTERN, 3, 2).as_posix() == ".cache/fob/setting2/fold3/fob.pt"

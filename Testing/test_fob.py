@@ -231,6 +231,9 @@ def test_shipped_weights_load_and_match_metadata():
     assert meta["sam_backend"] == "litemedsam" and gen.backend_name == "litemedsam"
     assert SHIPPED_WEIGHTS.stat().st_size < 5 << 20
     assert meta["iterations"] > 0 and meta["data"]
+    # the shipped model: all 20 CHAOS volumes, unlabeled (no label was used: Setting I without exclusions)
+    assert len(meta["data"]) == 20 and meta["fold"] is None and meta["exclude_labels"] == []
+    assert meta["prompt_modes"]["litemedsam"] in ("box", "box+bg", "box+points", "points")
 
 
 # ---- training: resumes after an interruption --------------------------------------------------------

