@@ -89,6 +89,7 @@ def run_segment(args: argparse.Namespace) -> int:
     example_labels = label_on_image_grid(image, example_vol)
     example = select_example(example_labels, args.label)
     label_value = int(args.label) if args.label is not None else int(example_labels[example].flat[0])
+    del example_vol, example_labels  # only the boolean example is needed from here (memory on large volumes)
 
     from .engine import VolumeSession
     from .volume import choose_intensity
@@ -126,7 +127,11 @@ def run_segment(args: argparse.Namespace) -> int:
     finally:
         bar.close()
 
-    write_label(image, result.mask.astype(np.uint8) * label_value, args.output)
+    dtype = np.uint8 if 0 <= label_value <= 255 else np.int32
+    labels_out = result.mask.astype(dtype)
+    labels_out *= dtype(label_value)  # in place: one volume-sized array, not two
+    write_label(image, labels_out, args.output)
+    del labels_out
     if args.prompts_out:
         from .prompt_file import prompts_to_json, write_prompts
 

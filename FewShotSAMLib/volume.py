@@ -169,10 +169,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_label(vol: Volume, mask: np.ndarray, path: str | os.PathLike) -> None:
-    """Write ``mask`` (uint8 labels) in ``vol``'s exact geometry, atomically."""
+    """Write ``mask`` (integer labels; a boolean mask is written as 0/1 uint8) in ``vol``'s exact
+    geometry, atomically."""
     import SimpleITK as sitk
 
-    img = to_sitk(vol, mask.astype(np.uint8))
+    img = to_sitk(vol, mask if np.issubdtype(mask.dtype, np.integer) else mask.astype(np.uint8))
     atomic_write(path, lambda tmp: sitk.WriteImage(img, tmp, True))
 
 
@@ -219,8 +220,11 @@ def label_on_image_grid(image: Volume, label: Volume) -> np.ndarray:
 
 def select_example(label_array: np.ndarray, label: Optional[int]) -> np.ndarray:
     """Boolean mask of one label of the example; UserInputError if empty, absent or ambiguous."""
-    values = np.unique(label_array)
-    values = values[values != 0]
+    # label values slab by slab: np.unique of the whole array would sort a volume-sized copy
+    found: set = set()
+    for slab in label_array:
+        found.update(np.unique(slab).tolist())
+    values = np.array(sorted(v for v in found if v != 0))
     if values.size == 0:
         raise UserInputError("The example is empty: paint the target on at least one slice.")
     if label is None:
