@@ -273,11 +273,7 @@ def segment_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
     labelmap = _segment_labelmap(segmentation_node, segment_id)
     if labelmap is None:
         return np.zeros(shape, bool)
-    if not _same_grid(labelmap, volume_node):
-        raise UserInputError(
-            f"The segment '{segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()}' was painted on a "
-            f"grid other than the volume '{volume_node.GetName()}' (different spacing, orientation or position); "
-            "select this volume as the source volume in the Segment Editor and paint the example again.")
+    _check_grid(labelmap, volume_node, segmentation_node, segment_id)
     reference = oriented_image_like(volume_node)
     out = slicer.vtkOrientedImageData()
     slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
@@ -293,6 +289,15 @@ def segment_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
                 lo[0] - e[4]:hi[0] - e[4] + 1, lo[1] - e[2]:hi[1] - e[2] + 1, lo[2] - e[0]:hi[2] - e[0] + 1]
         arr = full
     return arr > 0
+
+
+def _check_grid(labelmap, volume_node, segmentation_node, segment_id: str) -> None:
+    """UserInputError when the segment's labelmap is not on the volume's voxel grid."""
+    if not _same_grid(labelmap, volume_node):
+        raise UserInputError(
+            f"The segment '{segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()}' was painted on a "
+            f"grid other than the volume '{volume_node.GetName()}' (different spacing, orientation or position); "
+            "select this volume as the source volume in the Segment Editor and paint the example again.")
 
 
 def _same_grid(labelmap, volume_node, tol: float = 1e-3) -> bool:
@@ -339,19 +344,16 @@ def segment_slices(segmentation_node, segment_id: str, volume_node, axis: int,
     """The segment on ``slices`` along numpy ``axis`` (bool 2D arrays), reading only those slices' slabs:
     a re-run of one slice costs one slice, not the volume."""
     labelmap = _segment_labelmap(segmentation_node, segment_id)
-    empty = labelmap is None
-    if not empty and not _same_grid(labelmap, volume_node):
-        return {k: np.take(segment_mask(segmentation_node, segment_id, volume_node), k, axis=axis)
-                for k in slices}  # raises the clear error
+    if labelmap is None:
+        plane = tuple(np.delete(np.array(tuple(reversed(volume_node.GetImageData().GetDimensions()))), int(axis)))
+        return {int(k): np.zeros(plane, bool) for k in slices}
+    _check_grid(labelmap, volume_node, segmentation_node, segment_id)
     out: dict[int, np.ndarray] = {}
     for lo, hi in _runs(slices):
-        if empty:
-            slab = np.zeros(_oriented_image_array(_slab_image(volume_node, axis, lo, hi, 0)).shape, bool)
-        else:
-            res = slicer.vtkOrientedImageData()
-            slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
-                labelmap, _slab_image(volume_node, axis, lo, hi), res, False, False)
-            slab = _oriented_image_array(res) > 0
+        res = slicer.vtkOrientedImageData()
+        slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+            labelmap, _slab_image(volume_node, axis, lo, hi), res, False, False)
+        slab = _oriented_image_array(res) > 0
         for k in range(lo, hi + 1):
             out[k] = np.take(slab, k - lo, axis=axis).copy()
     return out
@@ -364,11 +366,14 @@ def set_segment_mask(segmentation_node, segment_id: str, volume_node, mask: np.n
     ensure_segmentation_converters()
     _segment(segmentation_node, segment_id)
     mask = np.asarray(mask, bool)
-    logic = slicer.vtkSlicerSegmentationsModuleLogic
     if axis is not None and slices is not None:
-        _write_slab(segmentation_node, segment_id, volume_node, axis, 0, mask, slices)
+        for lo, hi in _runs(slices):
+            index = [slice(None)] * 3
+            index[int(axis)] = slice(lo, hi + 1)
+            _write_run(segmentation_node, segment_id, volume_node, axis, lo, hi, mask[tuple(index)])
         return
     image = oriented_image_like(volume_node, mask)
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
     if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, logic.MODE_REPLACE,
                                             image.GetExtent()):
         raise RuntimeError(f"Could not write the segment '{segment_id}' of '{segmentation_node.GetName()}'.")
@@ -377,32 +382,22 @@ def set_segment_mask(segmentation_node, segment_id: str, volume_node, mask: np.n
 def write_segment_slices(segmentation_node, segment_id: str, volume_node, axis: int,
                          slices: dict[int, np.ndarray]) -> None:
     """Write 2D masks ``{slice: mask}`` along numpy ``axis`` into the segment, touching only those slices."""
-    if not slices:
-        return
-    shape = list(tuple(reversed(volume_node.GetImageData().GetDimensions())))
-    lo, hi = min(slices), max(slices)
-    shape[int(axis)] = hi - lo + 1
-    slab = np.zeros(shape, bool)
-    for k, m in slices.items():
-        index = [slice(None)] * 3
-        index[int(axis)] = k - lo
-        slab[tuple(index)] = m
-    _write_slab(segmentation_node, segment_id, volume_node, axis, lo, slab, [k - lo for k in slices])
+    ensure_segmentation_converters()
+    _segment(segmentation_node, segment_id)
+    for lo, hi in _runs(slices):
+        slab = np.stack([np.asarray(slices[k], bool) for k in range(lo, hi + 1)], axis=int(axis))
+        _write_run(segmentation_node, segment_id, volume_node, axis, lo, hi, slab)
 
 
-def _write_slab(segmentation_node, segment_id: str, volume_node, axis: int, offset: int, slab: np.ndarray,
-                local_slices: Sequence[int]) -> None:
-    """Write slices ``local_slices`` of ``slab`` (whose slice 0 is the volume's slice ``offset`` along numpy
-    ``axis``) run by run. Inside a run's extent MIN leaves (old AND new) and MAX then makes it new; outside
-    the extent the segment is not touched."""
+def _write_run(segmentation_node, segment_id: str, volume_node, axis: int, lo: int, hi: int,
+               slab: np.ndarray) -> None:
+    """Write ``slab`` (the volume's slices lo..hi along numpy ``axis``) into the segment. Inside the slab's
+    extent MIN leaves (old AND new) and MAX then makes it new; outside it the segment is not touched."""
     logic = slicer.vtkSlicerSegmentationsModuleLogic
-    for a, b in _runs(local_slices):
-        index = [slice(None)] * 3
-        index[int(axis)] = slice(a, b + 1)
-        image = _slab_image(volume_node, axis, a + offset, b + offset, slab[tuple(index)])
-        for mode in (logic.MODE_MERGE_MIN, logic.MODE_MERGE_MAX):
-            if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, mode, image.GetExtent()):
-                raise RuntimeError(f"Could not write the segment '{segment_id}' of '{segmentation_node.GetName()}'.")
+    image = _slab_image(volume_node, axis, lo, hi, slab)
+    for mode in (logic.MODE_MERGE_MIN, logic.MODE_MERGE_MAX):
+        if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, mode, image.GetExtent()):
+            raise RuntimeError(f"Could not write the segment '{segment_id}' of '{segmentation_node.GetName()}'.")
 
 
 def add_output_segment(segmentation_node, name: str, color: Sequence[float]) -> str:

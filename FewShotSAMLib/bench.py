@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .errors import UserInputError
-from .volume import atomic_write_text
+from .volume import atomic_write_text, painted_slices, read_volume
 
 log = logging.getLogger(__name__)
 
@@ -320,15 +320,15 @@ def bench_rerun(session, repeats: int = 20) -> dict:
         parts["to_native"].append(t3 - t2)
     # The same re-run with each decoder runtime the machine has, interleaved (ONNX Runtime is the CPU
     # default when installed; PyTorch is the fallback).
+    from .sam.base import onnxruntime_available
+
     backend = session.backend
     runtime = backend.decoder_runtime
-    runtimes = [runtime] + [r for r in ("torch", "onnxruntime") if r != runtime
-                            and (r == "torch" or (backend.device.type == "cpu"
-                                                  and importlib.util.find_spec("onnxruntime") is not None))]
-    by_runtime: dict = {r: [] for r in runtimes}
+    on_cpu_with_ort = backend.device.type == "cpu" and onnxruntime_available()
+    by_runtime: dict = {r: [] for r in (("onnxruntime", "torch") if on_cpu_with_ort else ("torch",))}
     try:
         for _ in range(max(3, repeats // 2)):
-            for r in runtimes:
+            for r in by_runtime:
                 backend.decoder_runtime = r
                 t = time.perf_counter()
                 session.decode_slice(res.axis, k, edited)
@@ -450,8 +450,7 @@ def write_large_ct_case(data_dir: Path, out_dir: Path) -> dict:
     image, labels = make_large_ct(data_dir)
     liver = labels.array == 5
     axis = int(np.argmax(image.array.shape) if image.array.shape.count(max(image.array.shape)) == 1 else 0)
-    other = tuple(a for a in range(3) if a != axis)
-    zs = np.flatnonzero(liver.any(axis=other))
+    zs = painted_slices(liver, axis)
     painted = int(zs[len(zs) // 2])
     example = np.zeros(liver.shape, np.uint8)
     idx = [slice(None)] * 3
@@ -495,20 +494,12 @@ def bench_memory(data_dir: Path, n_slices: int, cap_mb: float, device: str) -> d
         got = json.loads(lines[0][len("BENCH_MEMORY "):])
         if got["returncode"]:
             raise RuntimeError(f"segment failed on the large CT (exit {got['returncode']}): {got['stderr']}")
-        out_mask = read_volume_array(tmp_path / "out.nii.gz")
+        out_mask = read_volume(tmp_path / "out.nii.gz").array
     axis = ct["axis"]
-    other = tuple(a for a in range(3) if a != axis)
-    seg = np.flatnonzero(out_mask.any(axis=other))
+    seg = painted_slices(out_mask, axis)
     return {**ct, "range": extent, "cache_cap_mb": cap_mb or "library default", "peak_rss_gb": got["peak_rss_gb"],
             "segment_s": got["seconds"], "segmented_slices": [int(seg[0]), int(seg[-1])] if seg.size else [],
             "mask_voxels": int(out_mask.sum())}
-
-
-def read_volume_array(path: Path) -> np.ndarray:
-    """The voxel array of an image file (numpy order), for checking an output."""
-    from .volume import read_volume
-
-    return read_volume(path).array
 
 
 # ---- the command ---------------------------------------------------------------------------------
@@ -516,7 +507,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark parts, print a summary and optionally write JSON. Returns the exit code."""
     import torch
 
-    from .sam.base import cpu_has_fast_bf16, resolve_device
+    from .sam.base import cpu_has_fast_bf16, onnxruntime_available, resolve_device
     from .slices import PreparedVolume
     from .volume import choose_intensity, read_volume
 
@@ -549,7 +540,7 @@ def run(args: argparse.Namespace) -> int:
 
     if "encoder" not in skip:
         names = [v for v in args.variants.split(",") if v.strip()]
-        if args.variants == DEFAULT_VARIANTS and importlib.util.find_spec("onnxruntime") is not None:
+        if args.variants == DEFAULT_VARIANTS and onnxruntime_available():
             names.append("fp32-fused-ort-b4")  # ONNX Runtime where it is installed
         variants = [PLAIN, fast] + [EncoderVariant.parse(v) for v in names]
         variants = list(dict.fromkeys(variants))

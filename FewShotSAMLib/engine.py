@@ -135,11 +135,7 @@ def keep_connected_to(mask: np.ndarray, seed: np.ndarray) -> np.ndarray:
         return union
     # the bounding box from per-axis projections (np.nonzero would make three int64 index arrays as
     # long as the mask has voxels: hundreds of MB for an organ in a large CT)
-    box = []
-    for axis in range(3):
-        hit = np.flatnonzero(union.any(axis=tuple(a for a in range(3) if a != axis)))
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    box = tuple(box)
+    box = tuple(slice(int(hit[0]), int(hit[-1]) + 1) for hit in (painted_slices(union, a) for a in range(3)))
     labels, n = ndimage.label(union[box], structure=np.ones((3, 3, 3), bool))
     if n <= 1:
         return union

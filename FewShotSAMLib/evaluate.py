@@ -570,15 +570,15 @@ def run(args: argparse.Namespace) -> int:
     cases = list_cases(args.data)
     ids = [c[0] for c in cases]
     folds = {f: fold_volume_ids(ids, f) for f in parse_folds(args.folds)}
+    backend = load_backend(args.sam, args.device)
+    cache = EmbeddingCache(backend, cap_bytes=256 << 20, persist_dir=args.cache_dir)
+    store = CaseStore(cases, backend, cache)
     t0 = time.perf_counter()
     def save_partial(partial: dict) -> None:
         partial = merge_results(previous, partial) if previous else partial
         atomic_write_text(args.json, json.dumps({**partial, "wall_seconds": round(time.perf_counter() - t0, 1)}, indent=1))
         log.info("folds done: %s (partial results in %s)", partial["folds_done"], args.json)
 
-    backend = load_backend(args.sam, args.device)
-    cache = EmbeddingCache(backend, cap_bytes=256 << 20, persist_dir=args.cache_dir)
-    store = CaseStore(cases, backend, cache)
     result = evaluate(store, args.protocol, methods, folds, args.setting, organs, args.fob_weights,
                       progress=lambda msg: log.info("%s", msg), on_fold=save_partial, fob_mode=args.fob_mode)
     result["encoded_slices"] = cache.encoded

@@ -25,7 +25,7 @@ def main(data_dir: Path, repeats: int = 10) -> dict:
     import slicer
 
     import FewShotSAMMRML as M
-    from FewShotSAMLib.volume import read_volume
+    from FewShotSAMLib.volume import painted_slices, read_volume
 
     M.ensure_segmentation_converters()
     scene = slicer.vtkMRMLScene()
@@ -34,7 +34,7 @@ def main(data_dir: Path, repeats: int = 10) -> dict:
     vol = M.add_volume_node(scene, image.array, M.ijk_to_ras_from_index_to_lps(image.index_to_lps_matrix), "chaos_1")
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
     seg.SetReferenceImageGeometryParameterFromVolumeNode(vol)
-    slices = np.flatnonzero(truth.any(axis=(1, 2)))
+    slices = painted_slices(truth, 0)
     middle = int(slices[len(slices) // 2])
     example = np.zeros_like(truth)
     example[middle] = truth[middle]

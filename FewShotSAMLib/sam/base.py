@@ -137,21 +137,24 @@ class OnnxDecoder:
         self.session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
         self._no_mask: Optional[tuple] = None
 
+    @staticmethod
+    def _numpy(t: torch.Tensor) -> np.ndarray:
+        # float32 contiguous CPU tensors (what decode passes) convert without a copy
+        return t.detach().float().contiguous().numpy()
+
+    def _dense(self, dense: torch.Tensor) -> np.ndarray:
+        """The dense prompt as numpy; the "no mask" one (a learnt vector broadcast over the grid, stride 0)
+        is made contiguous once, not on every decode."""
+        if dense.stride()[-1] != 0:
+            return self._numpy(dense)
+        key = (dense.data_ptr(), tuple(dense.shape))
+        if self._no_mask is None or self._no_mask[0] != key:
+            self._no_mask = (key, self._numpy(dense))
+        return self._no_mask[1]
+
     def __call__(self, emb: torch.Tensor, pe: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor):
-        feed = {"emb": emb, "pe": pe, "sparse": sparse, "dense": dense}
-        # float32 contiguous CPU tensors (what decode passes) convert to numpy without a copy; the
-        # "no mask" dense prompt is one learnt vector broadcast over the grid: made contiguous once
-        if dense.stride()[-1] == 0:
-            key = (dense.data_ptr(), tuple(dense.shape))
-            if self._no_mask is None or self._no_mask[0] != key:
-                self._no_mask = (key, dense.detach().float().contiguous().numpy())
-            arrays = {"dense": self._no_mask[1]}
-        else:
-            arrays = {}
-        for k, v in feed.items():
-            if k not in arrays:
-                arrays[k] = v.detach().float().contiguous().numpy()
-        masks, iou = self.session.run(None, arrays)
+        masks, iou = self.session.run(None, {"emb": self._numpy(emb), "pe": self._numpy(pe),
+                                             "sparse": self._numpy(sparse), "dense": self._dense(dense)})
         return torch.from_numpy(masks), torch.from_numpy(iou)
 
 
@@ -225,8 +228,8 @@ class SamBackend:
     channels_last=False, compile=False`` is the plain eager path. ``runtime='onnxruntime'`` (None reads
     FEWSHOTSAM_RUNTIME; CPU and fp32 only) runs the encoder exported to ONNX by ONNX Runtime instead.
     The decoder runs in float32: ``decoder_runtime`` 'auto' (None reads FEWSHOTSAM_DECODER_RUNTIME; auto =
-    ONNX Runtime on CPU when the package is installed, about 1.4x faster on an idle 2-core CPU, else PyTorch) | 'torch' |
-    'onnxruntime'.
+    ONNX Runtime on CPU when the package is installed, about 2x faster here (docs/PERFORMANCE.md), else
+    PyTorch) | 'torch' | 'onnxruntime'.
     """
 
     name: str = "sam"
