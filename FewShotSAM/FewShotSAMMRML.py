@@ -64,6 +64,7 @@ REQUIRED_MODULES = {
     "ot": "POT",
     "onnxruntime": "onnxruntime",  # the mask decoder on CPU: what keeps a point edit's re-run short
     "onnx": "onnx",
+    "threadpoolctl": "threadpoolctl",  # keeps numpy's BLAS threads off the decoder's cores
 }
 
 
@@ -381,12 +382,106 @@ def set_segment_mask(segmentation_node, segment_id: str, volume_node, mask: np.n
 
 def write_segment_slices(segmentation_node, segment_id: str, volume_node, axis: int,
                          slices: dict[int, np.ndarray]) -> None:
-    """Write 2D masks ``{slice: mask}`` along numpy ``axis`` into the segment, touching only those slices."""
+    """Write 2D masks ``{slice: mask}`` along numpy ``axis`` into the segment, touching only those slices.
+
+    The masks are written into the segment's labelmap in place when they fit inside it (the re-run of a
+    slice after a point edit: constant cost, however large the volume); otherwise, slab by slab through
+    ``SetBinaryLabelmapToSegment``, whose merge modes cost time in proportion to the segment's size."""
+    segment = _segment(segmentation_node, segment_id)
+    if _write_in_place(segmentation_node, segment, volume_node, axis, slices):
+        return
     ensure_segmentation_converters()
-    _segment(segmentation_node, segment_id)
     for lo, hi in _runs(slices):
         slab = np.stack([np.asarray(slices[k], bool) for k in range(lo, hi + 1)], axis=int(axis))
         _write_run(segmentation_node, segment_id, volume_node, axis, lo, hi, slab)
+
+
+def _write_in_place(segmentation_node, segment, volume_node, axis: int, slices: dict[int, np.ndarray]) -> bool:
+    """Write ``{slice: mask}`` straight into the segment's binary labelmap and signal the change; True when
+    done. Nothing is written (False) unless the labelmap is the segment's source representation on the
+    volume's voxel grid and no mask voxel holds another segment sharing the labelmap. A labelmap too small
+    for the masks is first enlarged (zeros around it). Only the segment's own label is cleared outside the
+    masks. Modifying the labelmap makes the segmentation drop its derived representations (closed surface)
+    and tell its observers, as the Segment Editor's edits do."""
+    segmentation = segmentation_node.GetSegmentation()
+    name = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+    source = (segmentation.GetSourceRepresentationName() if hasattr(segmentation, "GetSourceRepresentationName")
+              else segmentation.GetMasterRepresentationName())
+    labelmap = segment.GetRepresentation(name)
+    if (source != name or labelmap is None or labelmap.GetPointData().GetScalars() is None
+            or not _same_grid(labelmap, volume_node)):
+        return False
+    axis = int(axis)
+    masks = {int(k): np.asarray(v, bool) for k, v in slices.items()}
+    plane = [a for a in range(3) if a != axis]
+    # numpy-order volume index bounds the masks need (inclusive)
+    need_lo, need_hi = [None] * 3, [None] * 3
+    for k, mask in masks.items():
+        box = [(int(k), int(k))]
+        if mask.any():
+            rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+            box += [(rows[0], rows[-1]), (cols[0], cols[-1])]
+        for a, (lo, hi) in zip([axis] + plane, box):
+            need_lo[a] = lo if need_lo[a] is None else min(need_lo[a], lo)
+            need_hi[a] = hi if need_hi[a] is None else max(need_hi[a], hi)
+    arr, start = _labelmap_view(labelmap, volume_node)
+    if any(need_lo[a] is not None and (need_lo[a] < start[a] or need_hi[a] >= start[a] + arr.shape[a])
+           for a in range(3)):
+        _grow_labelmap(labelmap, volume_node, arr, start, need_lo, need_hi)
+        arr, start = _labelmap_view(labelmap, volume_node)
+    label = segment.GetLabelValue()
+    writes = []
+    for k, mask in masks.items():
+        index = [slice(None)] * 3
+        index[axis] = k - start[axis]
+        sheet = arr[tuple(index)]  # a view into the labelmap
+        r0, c0 = start[plane[0]], start[plane[1]]
+        inside = np.zeros(sheet.shape, bool)  # the mask on the sheet's voxels
+        rr = slice(max(0, r0), min(mask.shape[0], r0 + sheet.shape[0]))
+        cc = slice(max(0, c0), min(mask.shape[1], c0 + sheet.shape[1]))
+        inside[rr.start - r0:rr.stop - r0, cc.start - c0:cc.stop - c0] = mask[rr, cc]
+        if np.any(inside & (sheet != 0) & (sheet != label)):
+            return False
+        writes.append((sheet, inside))
+    for sheet, inside in writes:
+        sheet[(sheet == label) & ~inside] = 0
+        sheet[inside] = label
+    labelmap.Modified()
+    return True
+
+
+def _labelmap_view(labelmap, volume_node) -> tuple[np.ndarray, np.ndarray]:
+    """The labelmap's voxels (numpy order, a view) and the volume's numpy index of its first voxel (the
+    labelmap on the volume's grid, see ``_same_grid``)."""
+    m = vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(m)
+    lab, vol = _matrix_to_array(m), ijk_to_ras(volume_node)
+    offset_ijk = np.round(np.linalg.solve(vol[:3, :3], lab[:3, 3] - vol[:3, 3])).astype(int)
+    ext = labelmap.GetExtent()
+    return _oriented_image_array(labelmap), np.array([ext[4], ext[2], ext[0]]) + offset_ijk[::-1]
+
+
+def _grow_labelmap(labelmap, volume_node, arr: np.ndarray, start: np.ndarray, need_lo: list, need_hi: list) -> None:
+    """Enlarge the labelmap's extent (in place, zeros around its voxels) to hold the numpy-order volume
+    index bounds ``need_lo``..``need_hi`` (None: no need along that axis), clipped to the volume."""
+    dims = tuple(reversed(volume_node.GetImageData().GetDimensions()))
+    lo = [min(start[a], max(0, need_lo[a])) if need_lo[a] is not None else start[a] for a in range(3)]
+    hi = [max(start[a] + arr.shape[a] - 1, min(dims[a] - 1, need_hi[a])) if need_hi[a] is not None
+          else start[a] + arr.shape[a] - 1 for a in range(3)]
+    ext = labelmap.GetExtent()
+    shift = np.array([ext[4], ext[2], ext[0]]) - start  # labelmap index = volume index + shift
+    grown = slicer.vtkOrientedImageData()
+    grown.SetExtent(lo[2] + shift[2], hi[2] + shift[2], lo[1] + shift[1], hi[1] + shift[1],
+                    lo[0] + shift[0], hi[0] + shift[0])
+    m = vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(m)
+    grown.SetImageToWorldMatrix(m)
+    grown.AllocateScalars(labelmap.GetScalarType(), 1)
+    out = _oriented_image_array(grown)
+    out[:] = 0
+    at = [start[a] - lo[a] for a in range(3)]
+    out[at[0]:at[0] + arr.shape[0], at[1]:at[1] + arr.shape[1], at[2]:at[2] + arr.shape[2]] = arr
+    labelmap.ShallowCopy(grown)
 
 
 def _write_run(segmentation_node, segment_id: str, volume_node, axis: int, lo: int, hi: int,
@@ -535,12 +630,17 @@ def read_point_list(node, volume_node, axis: int) -> dict[int, np.ndarray]:
 
 def relabel_point_list(node, volume_node, axis: int) -> None:
     """Set every point's label to the slice it lies on (after the user moved it)."""
+    n = node.GetNumberOfControlPoints()
+    if not n:
+        return
     pos = [0.0, 0.0, 0.0]
-    for i in range(node.GetNumberOfControlPoints()):
+    ras = np.empty((n, 3))
+    for i in range(n):
         node.GetNthControlPointPosition(i, pos)
-        s = str(int(np.round(ras_to_index(volume_node, pos)[0][axis])))
-        if node.GetNthControlPointLabel(i) != s:
-            node.SetNthControlPointLabel(i, s)
+        ras[i] = pos
+    for i, k in enumerate(np.round(ras_to_index(volume_node, ras)[:, axis]).astype(int)):
+        if node.GetNthControlPointLabel(i) != str(k):
+            node.SetNthControlPointLabel(i, str(k))
 
 
 def read_prompt_points(fg_node, bg_node, volume_node, axis: int) -> dict[int, SlicePoints]:
@@ -694,9 +794,10 @@ class PromptEditor:
         s = self.state
         return read_prompt_points(s.fg_node, s.bg_node, s.volume_node, s.axis)
 
-    def changed_slices(self) -> list:
-        """Slices whose points differ from those the segment was made from."""
-        now = self.current_points()
+    def changed_slices(self, now: Optional[dict] = None) -> list:
+        """Slices whose points differ from those the segment was made from (``now``: the current points,
+        read from the lists when not given)."""
+        now = self.current_points() if now is None else now
         before = self.state.points
         empty = SlicePoints()
         return sorted(k for k in set(now) | set(before) if not now.get(k, empty).same_as(before.get(k, empty)))
@@ -706,25 +807,27 @@ class PromptEditor:
         edit waits (it is picked up by the next edit or by Re-run all)."""
         if self.busy is not None and self.busy():
             return []
-        changed = self.changed_slices()
-        if changed:
-            self.rerun(changed, "edit of the prompt points")
-        return changed
-
-    def rerun(self, slices: Sequence[int], description: str = "re-run") -> None:
-        """Re-decode ``slices`` from the current points (undoable)."""
-        s = self.state
         t0 = time.perf_counter()
         now = self.current_points()
+        changed = self.changed_slices(now)
+        if changed:
+            self.rerun(changed, "edit of the prompt points", now=now, started=t0)
+        return changed
+
+    def rerun(self, slices: Sequence[int], description: str = "re-run", now: Optional[dict] = None,
+              started: Optional[float] = None) -> None:
+        """Re-decode ``slices`` from the current points (undoable). ``now``: the current points when the
+        caller has just read them; ``started``: when the caller's timing of the edit began."""
+        s = self.state
+        t0 = time.perf_counter() if started is None else started
+        now = self.current_points() if now is None else now
         slices = sorted(set(int(k) for k in slices))
         before_slices = segment_slices(s.segmentation_node, s.segment_id, s.volume_node, s.axis, slices)
         before_points = dict(s.points)
-        fg_before = read_point_list(s.fg_node, s.volume_node, s.axis) if s.fg_node is not None else {}
-        bg_before = read_point_list(s.bg_node, s.volume_node, s.axis) if s.bg_node is not None else {}
         # The lists as they were before this edit: the recorded points of the changed slices, the
         # current ones elsewhere.
-        prev_fg = {k: v for k, v in fg_before.items() if k not in slices}
-        prev_bg = {k: v for k, v in bg_before.items() if k not in slices}
+        prev_fg = {k: p.fg for k, p in now.items() if k not in slices and len(p.fg)}
+        prev_bg = {k: p.bg for k, p in now.items() if k not in slices and len(p.bg)}
         for k in slices:
             if k in before_points:
                 prev_fg[k] = before_points[k].fg

@@ -20,6 +20,7 @@ import numpy as np
 from .errors import CancelledError, UserInputError
 from .prompts import DEFAULT_GENERATOR, Prompts, QueryContext, Support, make_generator
 from .prompts.base import PromptGenerator
+from .threads import single_threaded_blas
 from .shape import ShapeRules, analyse_slice, fill_holes, holes, inner_point, overlap_fraction
 from .slices import PreparedVolume
 from .volume import Intensity, choose_axis, choose_intensity, painted_slices, slice_to_volume_index, volume_index_to_slice
@@ -256,6 +257,7 @@ class VolumeSession:
         return Prompts(model(fg), model(bg), boxes[0] if boxes else None)
 
     # ---- one slice ------------------------------------------------------------------------------
+    @single_threaded_blas()
     def decode_slice(self, axis: int, index: int, prompts: Union[Prompts, Sequence[Prompts]]
                      ) -> tuple[np.ndarray, float]:
         """SAM's native-resolution mask (bool, rows x cols) and score for ``prompts`` on one slice,
@@ -276,6 +278,7 @@ class VolumeSession:
         return out, (float(np.mean(scores)) if scores else 0.0)
 
     # ---- the volume -----------------------------------------------------------------------------
+    @single_threaded_blas()
     def segment(self, example_mask: np.ndarray, *, generator: Union[str, PromptGenerator] = DEFAULT_GENERATOR,
                 extent: Extent = "auto", axis: Optional[int] = None, rules: Optional[ExtentRules] = None,
                 progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
@@ -515,6 +518,7 @@ class VolumeSession:
                             float(np.mean([p.presence for p in parts])), int(support), parts[0].model,
                             pieces=parts, hole_bg=np.concatenate([p.hole_bg for p in parts]))
 
+    @single_threaded_blas()
     def segment_from_prompts(self, example_mask: np.ndarray, axis: int, prompts: dict[int, dict], *,
                              progress: Optional[Progress] = None,
                              cancel: Optional[Callable[[], bool]] = None) -> SegmentationResult:

@@ -35,6 +35,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from .errors import UserInputError
+from .threads import single_threaded_blas
 from .volume import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -301,6 +302,7 @@ def product_volume(store: CaseStore, generator, case: Case, organ: int) -> dict:
             "seconds": seconds, "painted": painted}
 
 
+@single_threaded_blas()
 def evaluate(store: CaseStore, protocol: str, methods: Sequence[str], folds: dict[int, list[int]], setting: int,
              organs: Sequence[int] = tuple(ORGANS), fob_pattern: str = FOB_WEIGHTS_PATTERN,
              progress: Optional[Callable[[str], None]] = None,

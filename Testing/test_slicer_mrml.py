@@ -167,6 +167,47 @@ def test_segment_mask_round_trip_on_oblique_volume(scene):
         np.testing.assert_array_equal(M.segment_mask(seg, sid, vol), expected)
 
 
+def test_slice_writes_go_in_place_grow_the_labelmap_and_spare_shared_segments(scene):
+    """A re-run writes its slices into the segment's labelmap in place (constant cost), enlarging it when
+    the new mask reaches beyond it; a mask over another segment of the same shared labelmap takes the
+    merge path instead, and neither way alters the other segment."""
+    vol, arr = make_volume(scene, shape=(8, 20, 24))
+    seg = make_segmentation(scene, vol)
+    a = seg.GetSegmentation().AddEmptySegment("", "a", [1, 0, 0])
+    b = seg.GetSegmentation().AddEmptySegment("", "b", [0, 1, 0])
+    ma = np.zeros(arr.shape, bool)
+    ma[2:4, 3:8, 3:8] = True
+    mb = np.zeros(arr.shape, bool)
+    mb[2:6, 12:18, 14:20] = True
+    M.set_segment_mask(seg, a, vol, ma)
+    M.set_segment_mask(seg, b, vol, mb)
+    name = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+    segment_a = seg.GetSegmentation().GetSegment(a)
+    assert segment_a.GetRepresentation(name) is seg.GetSegmentation().GetSegment(b).GetRepresentation(name)
+    seg.CreateClosedSurfaceRepresentation()
+    closed = slicer.vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName()
+    assert seg.GetSegmentation().ContainsRepresentation(closed)
+    # slice 6 lies outside a's labelmap extent, and so do rows 1-2 and columns 1-2 of the new mask
+    grow = np.zeros(arr.shape[1:], bool)
+    grow[1:10, 1:11] = True
+    shrink = np.zeros(arr.shape[1:], bool)
+    shrink[3:5, 3:5] = True
+    assert M._write_in_place(seg, segment_a, vol, 0, {6: grow, 2: shrink})
+    expected = ma.copy()
+    expected[6], expected[2] = grow, shrink
+    np.testing.assert_array_equal(M.segment_mask(seg, a, vol), expected)
+    np.testing.assert_array_equal(M.segment_mask(seg, b, vol), mb)
+    assert not seg.GetSegmentation().ContainsRepresentation(closed)  # derived surface invalidated
+    over_b = np.zeros(arr.shape[1:], bool)
+    over_b[10:16, 10:16] = True
+    assert not M._write_in_place(seg, segment_a, vol, 0, {3: over_b})
+    np.testing.assert_array_equal(M.segment_mask(seg, a, vol), expected)  # nothing half-written
+    M.write_segment_slices(seg, a, vol, 0, {3: over_b})
+    expected[3] = over_b
+    np.testing.assert_array_equal(M.segment_mask(seg, a, vol), expected)
+    np.testing.assert_array_equal(M.segment_mask(seg, b, vol), mb)
+
+
 def test_segment_cropped_like_the_segment_editor_is_placed_in_the_volume_grid(scene):
     """The Segment Editor keeps a labelmap cropped to the painted region: it must land on the right voxels."""
     import vtk

@@ -66,11 +66,25 @@ def upsample_to_model(grid_map: np.ndarray, size: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------
 # Prototypes and similarity
 # ----------------------------------------------------------------------------------------------------
+_UNIT_MEMO: list = []  # (embedding object, its unit features) of the last few embeddings seen
+
+
 def unit_features(embedding) -> np.ndarray:
-    """(C, h, w) embedding -> (h*w, C) float32 rows of unit L2 norm (row-major over the grid)."""
+    """(C, h, w) embedding -> (h*w, C) float32 rows of unit L2 norm (row-major over the grid).
+
+    The generators ask for the same query and support embeddings several times per slice; the answer
+    for the last few embedding objects is kept (embeddings are never modified in place). Callers must
+    not modify the returned array."""
+    for obj, units in _UNIT_MEMO:
+        if obj is embedding:
+            return units
     e = _as_numpy(embedding)
     f = e.reshape(e.shape[0], -1).T
-    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-8)
+    units = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-8)
+    units.setflags(write=False)
+    _UNIT_MEMO.insert(0, (embedding, units))
+    del _UNIT_MEMO[4:]
+    return units
 
 
 def masked_prototype(embedding, weights: np.ndarray, normalise: bool = True) -> np.ndarray:
@@ -91,12 +105,12 @@ def masked_prototype(embedding, weights: np.ndarray, normalise: bool = True) -> 
 
 def cosine_similarity(embedding, prototypes: np.ndarray) -> np.ndarray:
     """Cosine similarity of every grid cell to each prototype: (K, h, w) for (K, C) prototypes, (h, w) for (C,)."""
-    e = _as_numpy(embedding)
+    e_shape = embedding.shape
     p = np.asarray(prototypes, np.float32)
     single = p.ndim == 1
-    p = p.reshape(-1, e.shape[0])
+    p = p.reshape(-1, e_shape[0])
     p = p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-8)
-    sim = (unit_features(e) @ p.T).T.reshape(len(p), e.shape[1], e.shape[2])
+    sim = (unit_features(embedding) @ p.T).T.reshape(len(p), e_shape[1], e_shape[2])
     return sim[0] if single else sim
 
 

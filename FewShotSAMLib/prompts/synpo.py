@@ -54,7 +54,7 @@ class SynPo:
         """(h, w) mean cosine similarity of each cell of ``embedding`` to the support's foreground cells."""
         mean_fg = summ.fg_features.mean(0)  # mean of cosines = dot with the mean of unit vectors
         units = F.unit_features(embedding)
-        e_shape = F._as_numpy(embedding).shape
+        e_shape = embedding.shape
         return (units @ mean_fg).reshape(e_shape[1], e_shape[2])
 
     def negative_band(self, summ: F.SupportSummary, support_embedding) -> tuple[float, float]:

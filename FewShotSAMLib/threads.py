@@ -1,0 +1,45 @@
+"""Thread settings of the numeric libraries around the decode loops (no torch import here)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """Keep numpy's BLAS (OpenBLAS) to one thread inside the block; usable as a decorator.
+
+    The prompt generators do small numpy matrix products between decodes. A multi-threaded OpenBLAS
+    leaves its worker threads busy-waiting for a while after each product, and on a small machine they
+    take the cores the mask decoder needs next: measured here, a decode slowed from about 60 to about
+    100 ms when a 4096 x 256 product ran before it (docs/PERFORMANCE.md). The products are too small to
+    gain from threads. Without threadpoolctl the block runs unchanged."""
+    controller = _controller()
+    if controller is None:
+        yield
+        return
+    with controller.limit(limits=1, user_api="blas"):
+        yield
+
+
+_CONTROLLER: list = []
+
+
+def _controller():
+    """One threadpoolctl controller per process (finding the loaded libraries costs about 10 ms, too much
+    to repeat on every slice re-run); None without threadpoolctl (optional: only the speed differs). The
+    BLAS libraries loaded when it is first needed are the ones it limits (numpy's and scipy's are loaded
+    by then)."""
+    if not _CONTROLLER:
+        try:
+            import scipy.linalg  # noqa: F401  (scipy's own BLAS, when it has one, is then known too)
+        except ImportError:
+            pass
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            _CONTROLLER.append(None)
+        else:
+            _CONTROLLER.append(ThreadpoolController())
+    return _CONTROLLER[0]
