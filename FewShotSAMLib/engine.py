@@ -137,13 +137,17 @@ def keep_connected_to(mask: np.ndarray, seed: np.ndarray) -> np.ndarray:
     # the bounding box from per-axis projections (np.nonzero would make three int64 index arrays as
     # long as the mask has voxels: hundreds of MB for an organ in a large CT)
     box = tuple(slice(int(hit[0]), int(hit[-1]) + 1) for hit in (painted_slices(union, a) for a in range(3)))
-    labels, n = ndimage.label(union[box], structure=np.ones((3, 3, 3), bool))
+    structure = np.ones((3, 3, 3), bool)
+    try:  # 16-bit labels when the components fit: half the memory of the default 32-bit ones
+        labels = np.empty(union[box].shape, np.int16)
+        n = ndimage.label(union[box], structure=structure, output=labels)
+    except RuntimeError:  # more components than 16 bits hold
+        labels, n = ndimage.label(union[box], structure=structure)
     if n <= 1:
         return union
-    keep = np.unique(labels[seed[box] & (labels > 0)])
-    out = np.zeros_like(union)
-    out[box] = np.isin(labels, keep)
-    return out
+    keep = np.unique(labels[seed[box]])  # seed lies inside union, so every seed voxel has a label
+    union[box] = np.isin(labels, keep)  # union is this function's own array: no second mask
+    return union
 
 
 @dataclass
@@ -343,8 +347,8 @@ class VolumeSession:
         out = np.zeros((n,) + pv.slices.shape[1:], bool)
         for p in painted:
             out[p] = ex_slices[p]
-        result = SegmentationResult(mask=np.zeros_like(example), axis=axis, painted=painted,
-                                    intensity=self.intensity)
+        result = SegmentationResult(mask=np.zeros((0, 0, 0), bool), axis=axis, painted=painted,
+                                    intensity=self.intensity)  # the mask is set at the end
 
         # Runs: (start, stop, step, stoppable) outward from the painted slices; between two painted
         # slices each half is propagated from its own side.

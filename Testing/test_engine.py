@@ -82,6 +82,18 @@ def test_keep_connected_to_drops_islands():
     assert out[1:4, 2:5, 2:5].all() and not out[0, 8, 8]
 
 
+def test_keep_connected_to_with_more_components_than_16_bit_labels_hold():
+    mask = np.zeros((70, 70, 70), bool)
+    mask[::2, ::2, ::2] = True  # 35**3 = 42875 isolated voxels: more than int16 labels can number
+    mask[0, 0, 1] = True  # joins (0, 0, 0) and (0, 0, 2): the seed's component
+    seed = np.zeros_like(mask)
+    seed[0, 0, 0] = True
+    before = mask.copy()
+    out = keep_connected_to(mask, seed)
+    assert sorted(map(tuple, np.argwhere(out).tolist())) == [(0, 0, 0), (0, 0, 1), (0, 0, 2)]
+    np.testing.assert_array_equal(mask, before)  # the caller's mask is not modified
+
+
 def test_blob_auto_extent_painted_slice_and_encode_once(blob_session):
     session, blob = blob_session
     ex = np.zeros_like(blob)
