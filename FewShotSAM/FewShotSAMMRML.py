@@ -439,7 +439,8 @@ def _write_in_place(segmentation_node, segment, volume_node, axis: int, slices: 
         inside = np.zeros(sheet.shape, bool)  # the mask on the sheet's voxels
         rr = slice(max(0, r0), min(mask.shape[0], r0 + sheet.shape[0]))
         cc = slice(max(0, c0), min(mask.shape[1], c0 + sheet.shape[1]))
-        inside[rr.start - r0:rr.stop - r0, cc.start - c0:cc.stop - c0] = mask[rr, cc]
+        if rr.stop > rr.start and cc.stop > cc.start:  # (the labelmap was grown to hold every mask voxel)
+            inside[rr.start - r0:rr.stop - r0, cc.start - c0:cc.stop - c0] = mask[rr, cc]
         if np.any(inside & (sheet != 0) & (sheet != label)):
             return False
         writes.append((sheet, inside))
