@@ -396,3 +396,31 @@ def test_litemedsam_builds_without_timm():
     assert out.returncode == 0, out.stderr[-2000:]
     n_params, timm, torchvision = out.stdout.split()
     assert int(n_params) > 5_000_000 and timm == "False" and torchvision == "False"
+
+
+def test_decode_loops_keep_numpy_blas_to_one_thread_and_restore_it():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from FewShotSAMLib.engine import VolumeSession
+    from FewShotSAMLib.threads import single_threaded_blas
+
+    def blas_threads() -> list[int]:
+        return [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas_threads()
+    if not before:
+        pytest.skip("numpy has no BLAS library that threadpoolctl can see here")
+    with single_threaded_blas():
+        assert set(blas_threads()) == {1}
+    assert blas_threads() == before
+    # the engine's single-slice re-run runs inside it: what it sees when it starts, and after it, restored
+    seen = []
+
+    class Probe:
+        def prepared(self, axis):
+            seen.append(blas_threads())
+            raise LookupError("probe only")
+
+    with pytest.raises(LookupError):
+        VolumeSession.decode_slice(Probe(), 0, 0, Prompts(np.zeros((1, 2), np.float32)))
+    assert seen == [[1] * len(before)]
+    assert blas_threads() == before
