@@ -23,23 +23,27 @@ def single_threaded_blas() -> Iterator[None]:
         yield
 
 
-_CONTROLLER: list = []
+_CONTROLLER: list = []  # [(number of imported modules when made, controller or None)]
 
 
 def _controller():
-    """One threadpoolctl controller per process (finding the loaded libraries costs about 10 ms, too much
-    to repeat on every slice re-run); None without threadpoolctl (optional: only the speed differs). The
-    BLAS libraries loaded when it is first needed are the ones it limits (numpy's and scipy's are loaded
-    by then)."""
-    if not _CONTROLLER:
-        try:
-            import scipy.linalg  # noqa: F401  (scipy's own BLAS, when it has one, is then known too)
-        except ImportError:
-            pass
-        try:
-            from threadpoolctl import ThreadpoolController
-        except ImportError:
-            _CONTROLLER.append(None)
-        else:
-            _CONTROLLER.append(ThreadpoolController())
-    return _CONTROLLER[0]
+    """A threadpoolctl controller of the BLAS libraries loaded now; None without threadpoolctl (optional:
+    only the speed differs). Finding the libraries costs about 10 ms, too much to repeat on every slice
+    re-run, so the controller is kept and made again only when modules were imported since (which may
+    have loaded another BLAS)."""
+    import sys
+
+    if _CONTROLLER and _CONTROLLER[0][0] == len(sys.modules):
+        return _CONTROLLER[0][1]
+    try:
+        import scipy.linalg  # noqa: F401  (scipy's own BLAS, when it has one, is then known too)
+    except ImportError:
+        pass
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        controller = None
+    else:
+        controller = ThreadpoolController()
+    _CONTROLLER[:] = [(len(sys.modules), controller)]
+    return controller
