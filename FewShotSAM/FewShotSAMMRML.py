@@ -303,14 +303,23 @@ def _check_grid(labelmap, volume_node, segmentation_node, segment_id: str) -> No
 
 def _same_grid(labelmap, volume_node, tol: float = 1e-3) -> bool:
     """True when the labelmap's voxels are the volume's voxels (same axes and spacing, whole-voxel offset)."""
-    m = vtk.vtkMatrix4x4()
-    labelmap.GetImageToWorldMatrix(m)
-    lab = _matrix_to_array(m)
-    vol = ijk_to_ras(volume_node)
+    lab, vol = _grid_matrices(labelmap, volume_node)
     if not np.allclose(lab[:3, :3], vol[:3, :3], atol=tol * max(1.0, np.abs(vol[:3, :3]).max())):
         return False
-    offset = np.linalg.solve(vol[:3, :3], lab[:3, 3] - vol[:3, 3])  # in voxels
+    offset = _voxel_offset(lab, vol)
     return bool(np.allclose(offset, np.round(offset), atol=0.05))
+
+
+def _grid_matrices(labelmap, volume_node) -> tuple[np.ndarray, np.ndarray]:
+    """The labelmap's image-to-world and the volume's IJK-to-RAS 4x4 matrices."""
+    m = vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(m)
+    return _matrix_to_array(m), ijk_to_ras(volume_node)
+
+
+def _voxel_offset(lab: np.ndarray, vol: np.ndarray) -> np.ndarray:
+    """Where the labelmap's IJK origin lies in the volume's IJK frame, in voxels (fractional)."""
+    return np.linalg.solve(vol[:3, :3], lab[:3, 3] - vol[:3, 3])
 
 
 def _runs(slices: Sequence[int]) -> list[tuple[int, int]]:
@@ -424,40 +433,48 @@ def _write_in_place(segmentation_node, segment, volume_node, axis: int, slices: 
         for a, (lo, hi) in zip([axis] + plane, box):
             need_lo[a] = lo if need_lo[a] is None else min(need_lo[a], lo)
             need_hi[a] = hi if need_hi[a] is None else max(need_hi[a], hi)
+    label = segment.GetLabelValue()
     arr, start = _labelmap_view(labelmap, volume_node)
+    # another segment of a shared labelmap under a mask voxel: checked before anything is changed (voxels
+    # outside the labelmap's extent are empty, so the check needs only the labelmap as it is)
+    for k, mask in masks.items():
+        sheet, inside = _mask_on_sheet(arr, start, axis, k, mask)
+        if sheet is not None and np.any(inside & (sheet != 0) & (sheet != label)):
+            return False
     if any(need_lo[a] is not None and (need_lo[a] < start[a] or need_hi[a] >= start[a] + arr.shape[a])
            for a in range(3)):
         _grow_labelmap(labelmap, volume_node, arr, start, need_lo, need_hi)
         arr, start = _labelmap_view(labelmap, volume_node)
-    label = segment.GetLabelValue()
-    writes = []
     for k, mask in masks.items():
-        index = [slice(None)] * 3
-        index[axis] = k - start[axis]
-        sheet = arr[tuple(index)]  # a view into the labelmap
-        r0, c0 = start[plane[0]], start[plane[1]]
-        inside = np.zeros(sheet.shape, bool)  # the mask on the sheet's voxels
-        rr = slice(max(0, r0), min(mask.shape[0], r0 + sheet.shape[0]))
-        cc = slice(max(0, c0), min(mask.shape[1], c0 + sheet.shape[1]))
-        if rr.stop > rr.start and cc.stop > cc.start:  # (the labelmap was grown to hold every mask voxel)
-            inside[rr.start - r0:rr.stop - r0, cc.start - c0:cc.stop - c0] = mask[rr, cc]
-        if np.any(inside & (sheet != 0) & (sheet != label)):
-            return False
-        writes.append((sheet, inside))
-    for sheet, inside in writes:
+        sheet, inside = _mask_on_sheet(arr, start, axis, k, mask)  # the labelmap now holds every mask voxel
         sheet[(sheet == label) & ~inside] = 0
         sheet[inside] = label
     labelmap.Modified()
     return True
 
 
+def _mask_on_sheet(arr: np.ndarray, start: np.ndarray, axis: int, k: int, mask: np.ndarray):
+    """(the labelmap's slice ``k`` along numpy ``axis`` as a view, or None when ``k`` is outside it; the
+    2D ``mask`` cut to that slice's in-plane extent)."""
+    pos = k - start[axis]
+    if not 0 <= pos < arr.shape[axis]:
+        return None, None
+    index = [slice(None)] * 3
+    index[axis] = pos
+    sheet = arr[tuple(index)]
+    r0, c0 = (start[a] for a in range(3) if a != axis)
+    inside = np.zeros(sheet.shape, bool)
+    rr = slice(max(0, r0), min(mask.shape[0], r0 + sheet.shape[0]))
+    cc = slice(max(0, c0), min(mask.shape[1], c0 + sheet.shape[1]))
+    if rr.stop > rr.start and cc.stop > cc.start:
+        inside[rr.start - r0:rr.stop - r0, cc.start - c0:cc.stop - c0] = mask[rr, cc]
+    return sheet, inside
+
+
 def _labelmap_view(labelmap, volume_node) -> tuple[np.ndarray, np.ndarray]:
     """The labelmap's voxels (numpy order, a view) and the volume's numpy index of its first voxel (the
     labelmap on the volume's grid, see ``_same_grid``)."""
-    m = vtk.vtkMatrix4x4()
-    labelmap.GetImageToWorldMatrix(m)
-    lab, vol = _matrix_to_array(m), ijk_to_ras(volume_node)
-    offset_ijk = np.round(np.linalg.solve(vol[:3, :3], lab[:3, 3] - vol[:3, 3])).astype(int)
+    offset_ijk = np.round(_voxel_offset(*_grid_matrices(labelmap, volume_node))).astype(int)
     ext = labelmap.GetExtent()
     return _oriented_image_array(labelmap), np.array([ext[4], ext[2], ext[0]]) + offset_ijk[::-1]
 
