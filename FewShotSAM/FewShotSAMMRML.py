@@ -64,6 +64,7 @@ REQUIRED_MODULES = {
     "ot": "POT",
     "onnxruntime": "onnxruntime",  # the mask decoder on CPU: what keeps a point edit's re-run short
     "onnx": "onnx",
+    "openvino": "openvino",  # the image encoder on CPU: what makes the first segmentation of a volume quick
     "threadpoolctl": "threadpoolctl",  # keeps numpy's BLAS threads off the decoder's cores
 }
 

@@ -46,19 +46,19 @@ class EncoderVariant:
     compile: bool = False
     batch: int = 1
     threads: int = 0  # torch intra-op threads while this variant runs (0: leave as set)
-    onnx: bool = False  # ONNX Runtime instead of PyTorch
+    runtime: str = "torch"  # torch | onnxruntime (part "ort") | openvino (part "ov")
 
     @property
     def label(self) -> str:
         """Short name, e.g. 'bf16-fused-cl-b4' or 'fp32-b1-t1'."""
         return "-".join([self.precision] + (["fused"] if self.fuse else []) + (["cl"] if self.channels_last else [])
-                        + (["compiled"] if self.compile else []) + (["ort"] if self.onnx else []) + [f"b{self.batch}"]
+                        + (["compiled"] if self.compile else []) + _RUNTIME_PARTS.get(self.runtime, []) + [f"b{self.batch}"]
                         + ([f"t{self.threads}"] if self.threads else []))
 
     @staticmethod
     def parse(text: str) -> "EncoderVariant":
         """'bf16-fused-cl-b4' -> EncoderVariant (parts in any order)."""
-        v = {"precision": "fp32", "fuse": False, "channels_last": False, "compile": False, "batch": 1, "threads": 0, "onnx": False}
+        v = {"precision": "fp32", "fuse": False, "channels_last": False, "compile": False, "batch": 1, "threads": 0, "runtime": "torch"}
         for part in text.lower().split("-"):
             if part in ("fp32", "bf16", "fp16"):
                 v["precision"] = part
@@ -69,7 +69,9 @@ class EncoderVariant:
             elif part == "compiled":
                 v["compile"] = True
             elif part == "ort":
-                v["onnx"] = True
+                v["runtime"] = "onnxruntime"
+            elif part == "ov":
+                v["runtime"] = "openvino"
             elif part.startswith("b") and part[1:].isdigit() and int(part[1:]) > 0:
                 v["batch"] = int(part[1:])
             elif part.startswith("t") and part[1:].isdigit() and int(part[1:]) > 0:
@@ -77,13 +79,15 @@ class EncoderVariant:
             else:
                 raise UserInputError(f"Unknown part '{part}' in encoder variant '{text}'; use e.g. fp32-b1 or "
                                      "bf16-fused-cl-compiled-b4-t2 (precision fp32/bf16, fused, cl, compiled, "
-                                     "ort for ONNX Runtime, bN batch, tN threads).")
+                                     "ort for ONNX Runtime, ov for OpenVINO, bN batch, tN threads).")
         return EncoderVariant(**v)
 
 
+_RUNTIME_PARTS = {"onnxruntime": ["ort"], "openvino": ["ov"]}
 PLAIN = EncoderVariant()
-DEFAULT_FAST = "fp32-fused-cl-b4"  # the fastest PyTorch path; fp32-fused-ort-b4 is faster where onnxruntime is installed
-DEFAULT_VARIANTS = "fp32-b4,fp32-fused-b4,fp32-fused-cl-b4,bf16-fused-cl-b4,bf16-fused-cl-b8"
+DEFAULT_FAST = "fp32-fused-ov-b4"  # the library's default on CPU (OpenVINO); without openvino: FALLBACK_FAST
+FALLBACK_FAST = "fp32-fused-b4"  # the library's default when openvino is not installed
+DEFAULT_VARIANTS = "fp32-fused-b4,fp32-fused-ort-b4,bf16-fused-cl-b4,bf16-fused-ov-b4"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -93,7 +97,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--organs", default="1,2,3,4", help="Label values of the organs to segment (default 1,2,3,4).")
     p.add_argument("--json", default=None, help="Write the figures to this JSON file.")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu).")
-    p.add_argument("--fast", default=DEFAULT_FAST, help=f"The encoder variant used for the whole-volume figures (default {DEFAULT_FAST}).")
+    p.add_argument("--fast", default=None, help="The encoder variant used for the whole-volume figures (default: the "
+                   f"library's default path, {DEFAULT_FAST}, or {FALLBACK_FAST} without openvino).")
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help="Other encoder variants to time against the plain path, comma-separated ('' for none).")
     p.add_argument("--encoder-slices", type=int, default=8, help="Slices per encoder timing round (default 8).")
     p.add_argument("--rounds", type=int, default=3, help="Interleaved encoder timing rounds (default 3).")
@@ -135,7 +140,7 @@ def _make_backend(variant: EncoderVariant, device: str):
 
     backend = LiteMedSAMBackend(device=device, precision=variant.precision, fuse=variant.fuse,
                                 channels_last=variant.channels_last, compile=variant.compile,
-                                runtime="onnxruntime" if variant.onnx else "torch")
+                                runtime=variant.runtime)
     backend.batch_size = variant.batch
     return backend
 
@@ -507,7 +512,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark parts, print a summary and optionally write JSON. Returns the exit code."""
     import torch
 
-    from .sam.base import cpu_has_fast_bf16, onnxruntime_available, resolve_device
+    from .sam.base import cpu_has_fast_bf16, onnxruntime_available, openvino_available, resolve_device
     from .slices import PreparedVolume
     from .volume import choose_intensity, read_volume
 
@@ -526,7 +531,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         vol_path, lab_path = _chaos_default(data_dir)
     organs = [int(v) for v in args.organs.split(",") if v.strip()]
-    fast = EncoderVariant.parse(args.fast)
+    fast = EncoderVariant.parse(args.fast or (DEFAULT_FAST if openvino_available() else FALLBACK_FAST))
     device = str(resolve_device(args.device))
     out: dict = {
         "device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -540,9 +545,10 @@ def run(args: argparse.Namespace) -> int:
 
     if "encoder" not in skip:
         names = [v for v in args.variants.split(",") if v.strip()]
-        if args.variants == DEFAULT_VARIANTS and onnxruntime_available():
-            names.append("fp32-fused-ort-b4")  # ONNX Runtime where it is installed
         variants = [PLAIN, fast] + [EncoderVariant.parse(v) for v in names]
+        if args.variants == DEFAULT_VARIANTS:  # the defaults name runtimes that may not be installed here
+            have = {"torch": True, "onnxruntime": onnxruntime_available(), "openvino": openvino_available()}
+            variants = [v for v in variants if have[v.runtime]]
         variants = list(dict.fromkeys(variants))
         pv = PreparedVolume(image.array, image.spacing, 0, choose_intensity(image.array, image.metadata), 256)
         mid = pv.n_slices // 2

@@ -216,6 +216,81 @@ def test_onnxruntime_tinyvit_batches(tinyvit_frames, plain_embeddings, tmp_path,
     assert _rel(ort.encode(tinyvit_frames), ref) < 1e-4
 
 
+def test_openvino_encoder_matches_plain(tinyvit_frames, plain_embeddings, tmp_path, monkeypatch):
+    """OpenVINO runs the exported TinyViT in float32 with the plain path's values; its compiled model is
+    kept for the next start; bfloat16 keeps its embeddings apart and never returns a non-finite one."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("onnx")
+    monkeypatch.setenv("FEWSHOTSAM_ONNX_DIR", str(tmp_path))
+    _, ref = plain_embeddings
+    ov32 = TinyVitBackend(precision="fp32", fuse=True, runtime="openvino")
+    assert ov32.runtime == "openvino" and ov32.cache_name == "tinyvit-test" and "OpenVINO" in ov32.describe()
+    assert _rel(ov32.encode(tinyvit_frames), ref) < 1e-4
+    assert ov32.encode_to_host(tinyvit_frames[:1]).dtype == np.float16
+    assert any((tmp_path / "openvino-cache").iterdir())  # the compiled model is kept for the next start
+    ov16 = TinyVitBackend(precision="bf16", fuse=True, runtime="openvino")
+    assert ov16.cache_name == "tinyvit-test-bf16-openvino"  # not torch's bf16 autocast folder
+    assert torch.isfinite(ov16.encode(tinyvit_frames)).all()  # random weights may overflow in bfloat16
+    assert len(list(tmp_path.glob("*.onnx"))) == 1  # one export serves both precisions
+    with pytest.raises(UserInputError, match="fp32 or bf16"):
+        TinySamBackend(device="cpu", precision="fp32", runtime="openvino", compile=True)
+
+
+def test_openvino_bf16_reencodes_non_finite_slices_in_fp32(tinyvit_frames, plain_embeddings, tmp_path,
+                                                           monkeypatch):
+    """A bfloat16 answer with a NaN (what OpenVINO gave for random TinyViT weights) is replaced by the
+    float32 encoding of that slice, not returned."""
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("FEWSHOTSAM_ONNX_DIR", str(tmp_path))
+    _, ref = plain_embeddings
+    ov16 = TinyVitBackend(precision="bf16", fuse=True, runtime="openvino")
+    encoder = ov16._encoder
+    real = encoder.request
+
+    class Overflowing:  # OpenVINO's bfloat16 request, with its first answer spoilt
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def infer(self, inputs):
+            out = [np.array(real.infer(inputs)[0])]
+            self.calls += 1
+            if self.calls == 1:
+                out[0][0, 0, 0, 0] = np.nan
+            return out
+
+    encoder.request = Overflowing()
+    got = ov16.encode(tinyvit_frames)
+    assert torch.isfinite(got).all() and encoder.fallbacks == 1
+    assert _rel(got[:1], ref[:1]) < 1e-4  # the spoilt slice came from the float32 model
+
+
+def test_litemedsam_openvino_is_the_cpu_default_and_bf16_stays_close(litemedsam):
+    """On CPU the embedded LiteMedSAM encodes with OpenVINO (float32, the plain path's values); its
+    bfloat16 path stays within the cosine measured on CHAOS (0.9987 mean)."""
+    pytest.importorskip("openvino")
+    from FewShotSAMLib.sam.litemedsam import LiteMedSAMBackend
+
+    assert litemedsam.runtime == "openvino" and litemedsam.precision == "fp32"
+    frames = _frames(2, 256, seed=4)
+    plain = LiteMedSAMBackend(device="cpu", fuse=False, runtime="torch").encode(frames)
+    assert _rel(litemedsam.encode(frames), plain) < 1e-4
+    bf16 = LiteMedSAMBackend(device="cpu", precision="bf16")
+    assert bf16.runtime == "openvino" and bf16.cache_name == "litemedsam-bf16-openvino"
+    got = bf16.encode(frames)
+    cos = torch.nn.functional.cosine_similarity(got.flatten(1).double(), plain.flatten(1).double(), dim=1)
+    assert torch.isfinite(got).all() and float(cos.min()) > 0.99
+
+
+def test_bench_variant_names_round_trip():
+    from FewShotSAMLib.bench import EncoderVariant
+
+    for text in ("fp32-b1", "fp32-fused-ort-b4", "bf16-fused-ov-b4", "fp32-fused-cl-b4-t1"):
+        assert EncoderVariant.parse(text).label == text
+    assert EncoderVariant.parse("bf16-ov-fused-b4").runtime == "openvino"
+    with pytest.raises(UserInputError, match="ov for OpenVINO"):
+        EncoderVariant.parse("fp32-tensorrt-b4")
+
+
 def test_onnxruntime_decoder_matches_torch(litemedsam, monkeypatch):
     """The ONNX Runtime mask decoder (the CPU default when the package is there) gives the torch
     decoder's logits and scores for every prompt kind, any number of points, and mask inputs."""

@@ -39,10 +39,13 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 PRECISION_ENV = "FEWSHOTSAM_PRECISION"  # fp32 | bf16 | fp16 | auto: the encoder's arithmetic when not given
 COMPILE_ENV = "FEWSHOTSAM_COMPILE"  # 1 to torch.compile the encoder when not given
 CHANNELS_LAST_ENV = "FEWSHOTSAM_CHANNELS_LAST"  # 1 for channels-last encoder convolutions when not given
-RUNTIME_ENV = "FEWSHOTSAM_RUNTIME"  # torch | onnxruntime: what runs the encoder when not given
+RUNTIME_ENV = "FEWSHOTSAM_RUNTIME"  # auto | torch | onnxruntime | openvino: what runs the encoder when not given
 DECODER_RUNTIME_ENV = "FEWSHOTSAM_DECODER_RUNTIME"  # auto | torch | onnxruntime: what runs the mask decoder
 DECODER_THREADS_ENV = "FEWSHOTSAM_DECODER_THREADS"  # threads of the ONNX Runtime decoder (default: torch's)
 ONNX_DIR_ENV = "FEWSHOTSAM_ONNX_DIR"  # where exported encoders are kept (default ~/.cache/fewshotsam/onnx)
+
+
+ENCODER_RUNTIMES = ("torch", "onnxruntime", "openvino")
 
 
 def _onnx_dir() -> "os.PathLike":
@@ -51,39 +54,43 @@ def _onnx_dir() -> "os.PathLike":
     return Path(os.environ.get(ONNX_DIR_ENV) or Path.home() / ".cache" / "fewshotsam" / "onnx")
 
 
+def export_encoder_onnx(encoder: torch.nn.Module, name: str, input_size: int) -> "os.PathLike":
+    """The image encoder exported once to ONNX at batch 1 (file named after the weights' digest, kept in
+    FEWSHOTSAM_ONNX_DIR, written atomically); returns its path. Batch 1 because encoders such as TinyViT
+    read the batch size as a Python number, which a trace freezes."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    for key, value in encoder.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().float().contiguous().numpy().tobytes())
+    path = _onnx_dir() / f"{name}-{input_size}-b1-{digest.hexdigest()[:16]}.onnx"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        log.info("exporting the %s encoder to %s (once per machine)", name, path)
+        example = torch.zeros(1, 3, input_size, input_size)
+        with torch.no_grad():
+            torch.onnx.export(encoder.cpu().eval(), example, str(tmp), input_names=["x"], output_names=["y"],
+                              opset_version=17, dynamo=False)
+        os.replace(tmp, path)
+    return path
+
+
 class OnnxEncoder:
-    """The image encoder exported once to ONNX (file named after the weights' digest, kept in
-    FEWSHOTSAM_ONNX_DIR) and run by ONNX Runtime on CPU in float32, one slice per run: the export is
-    traced at batch 1 because encoders such as TinyViT read the batch size as a Python number, which a
-    trace freezes."""
+    """The exported image encoder run by ONNX Runtime on CPU in float32, one slice per run."""
 
     def __init__(self, encoder: torch.nn.Module, name: str, input_size: int) -> None:
-        import hashlib
-
         try:
             import onnxruntime as ort
         except ImportError as exc:
             raise UserInputError("The onnxruntime encoder needs the onnxruntime and onnx packages: "
                                  "pip install onnxruntime onnx, or use the torch runtime.") from exc
-        digest = hashlib.sha1()
-        for key, value in encoder.state_dict().items():
-            digest.update(key.encode())
-            digest.update(value.detach().cpu().float().contiguous().numpy().tobytes())
-        path = _onnx_dir() / f"{name}-{input_size}-b1-{digest.hexdigest()[:16]}.onnx"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            log.info("exporting the %s encoder to %s (once per machine)", name, path)
-            example = torch.zeros(1, 3, input_size, input_size)
-            with torch.no_grad():
-                torch.onnx.export(encoder.cpu().eval(), example, str(tmp), input_names=["x"], output_names=["y"],
-                                  opset_version=17, dynamo=False)
-            os.replace(tmp, path)
+        self.path = export_encoder_onnx(encoder, name, input_size)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.path = path
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.detach().cpu().float().contiguous().numpy()
@@ -91,11 +98,60 @@ class OnnxEncoder:
                                                 for i in range(len(x))]))
 
 
+class OpenVinoEncoder:
+    """The exported image encoder compiled by OpenVINO for the CPU, in float32 or bfloat16 (OpenVINO's
+    inference precision: bfloat16 matrix products where the CPU has them, float32 elsewhere), one slice
+    per run. The compiled model is kept beside the ONNX file (OpenVINO's model cache), so only the first
+    run on a machine pays for the compilation. A bfloat16 slice whose embedding is not finite (seen with
+    random weights, never on the CHAOS volumes) is encoded again in float32."""
+
+    def __init__(self, encoder: torch.nn.Module, name: str, input_size: int, precision: str) -> None:
+        try:
+            import openvino as ov
+        except ImportError as exc:
+            raise UserInputError("The openvino encoder needs the openvino and onnx packages: "
+                                 "pip install openvino onnx, or use the torch runtime.") from exc
+        self.path = export_encoder_onnx(encoder, name, input_size)
+        self._core = ov.Core()
+        self.precision = precision
+        self.request = self._compile(precision)
+        self._fp32_request = None  # the float32 model for non-finite bfloat16 answers, compiled when needed
+        self.fallbacks = 0  # slices encoded again in float32
+
+    def _compile(self, precision: str):
+        config = {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision],
+                  "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+                  "CACHE_DIR": str(_onnx_dir() / "openvino-cache")}
+        return self._core.compile_model(str(self.path), "CPU", config).create_infer_request()
+
+    def _one(self, x: np.ndarray) -> np.ndarray:
+        y = self.request.infer({0: x})[0].copy()
+        if self.precision != "fp32" and not np.isfinite(y).all():
+            if self._fp32_request is None:
+                log.warning("the %s encoder gave a non-finite embedding; such slices are encoded in float32",
+                            self.precision)
+                self._fp32_request = self._compile("fp32")
+            self.fallbacks += 1
+            y = self._fp32_request.infer({0: x})[0].copy()
+        return y
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().cpu().float().contiguous().numpy()
+        return torch.from_numpy(np.concatenate([self._one(x[i:i + 1]) for i in range(len(x))]))
+
+
 def onnxruntime_available() -> bool:
     """True when the onnxruntime package can be imported."""
     import importlib.util
 
     return importlib.util.find_spec("onnxruntime") is not None
+
+
+def openvino_available() -> bool:
+    """True when the openvino package can be imported."""
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
 
 
 class _AllMasks(torch.nn.Module):
@@ -225,8 +281,11 @@ class SamBackend:
     ``channels_last`` (memory layout of the encoder's convolutions; None reads
     FEWSHOTSAM_CHANNELS_LAST), ``compile``
     (torch.compile of the encoder; None reads FEWSHOTSAM_COMPILE). ``precision='fp32', fuse=False,
-    channels_last=False, compile=False`` is the plain eager path. ``runtime='onnxruntime'`` (None reads
-    FEWSHOTSAM_RUNTIME; CPU and fp32 only) runs the encoder exported to ONNX by ONNX Runtime instead.
+    channels_last=False, compile=False, runtime='torch'`` is the plain eager path. ``runtime`` (None reads
+    FEWSHOTSAM_RUNTIME, unset = 'auto'): 'torch'; 'onnxruntime' (CPU, fp32) or 'openvino' (CPU, fp32 or
+    bf16) run the encoder exported to ONNX; 'auto' = OpenVINO on CPU for families whose encoder exports
+    quickly (``auto_export_encoder``, LiteMedSAM) when the package is installed, else PyTorch, and PyTorch
+    when the export or compilation fails.
     The decoder runs in float32: ``decoder_runtime`` 'auto' (None reads FEWSHOTSAM_DECODER_RUNTIME; auto =
     ONNX Runtime on CPU when the package is installed, about 2x faster here (docs/PERFORMANCE.md), else
     PyTorch) | 'torch' | 'onnxruntime'.
@@ -236,6 +295,7 @@ class SamBackend:
     input_size: int = 1024
     prefers_box: bool = False  # trained with boxes: feed it a box whenever there is one
     batch_size: int = 4
+    auto_export_encoder: bool = False  # runtime 'auto' may export the encoder (small encoders only)
 
     def __init__(self, model: torch.nn.Module, device: str | torch.device = "auto", *,
                  precision: Optional[str] = None, fuse: bool = False, channels_last: Optional[bool] = None,
@@ -256,14 +316,29 @@ class SamBackend:
             compile = os.environ.get(COMPILE_ENV, "0").strip().lower() in ("1", "true", "yes")
         self.compiled = bool(compile)
         self._encoder = torch.compile(self.model.image_encoder, dynamic=False) if self.compiled else None
-        self.runtime = (runtime or os.environ.get(RUNTIME_ENV) or "torch").lower()
-        if self.runtime not in ("torch", "onnxruntime"):
-            raise UserInputError(f"Unknown encoder runtime '{self.runtime}'; use torch or onnxruntime.")
+        self.runtime = (runtime or os.environ.get(RUNTIME_ENV) or "auto").lower()
+        if self.runtime not in ENCODER_RUNTIMES + ("auto",):
+            raise UserInputError(f"Unknown encoder runtime '{self.runtime}'; use auto, {', '.join(ENCODER_RUNTIMES)}.")
+        if self.runtime == "auto":
+            self.runtime = "torch"
+            if (self.auto_export_encoder and self.device.type == "cpu" and self.precision in ("fp32", "bf16")
+                    and not self.compiled and openvino_available()):
+                try:
+                    self._encoder = OpenVinoEncoder(self.model.image_encoder, self.name, self.input_size,
+                                                    self.precision)
+                    self.runtime = "openvino"
+                except Exception as exc:  # any failure of the optional fast path leaves the plain one
+                    log.warning("OpenVINO could not take the %s encoder (%s); PyTorch runs it", self.name, exc)
         if self.runtime == "onnxruntime":
             if self.device.type != "cpu" or self.precision != "fp32" or self.compiled:
                 raise UserInputError("The onnxruntime encoder runs on CPU in fp32 without torch.compile; "
                                      "choose device cpu and precision fp32, or the torch runtime.")
             self._encoder = OnnxEncoder(self.model.image_encoder, self.name, self.input_size)
+        elif self.runtime == "openvino":
+            if self.device.type != "cpu" or self.precision not in ("fp32", "bf16") or self.compiled:
+                raise UserInputError("The openvino encoder runs on CPU in fp32 or bf16 without torch.compile; "
+                                     "choose device cpu and precision fp32 or bf16, or the torch runtime.")
+            self._encoder = OpenVinoEncoder(self.model.image_encoder, self.name, self.input_size, self.precision)
         self.decoder_runtime = self._resolve_decoder_runtime(decoder_runtime)
         self._onnx_decoder: Optional[OnnxDecoder] = None
 
@@ -285,14 +360,18 @@ class SamBackend:
     def cache_name(self) -> str:
         """Folder name of this backend's persistent embeddings: the family, plus the precision when it is
         not float32, so that embeddings computed with different arithmetic are never mixed."""
-        return self.name if self.precision == "fp32" else f"{self.name}-{self.precision}"
+        if self.precision == "fp32":
+            return self.name
+        # bfloat16 in OpenVINO (its own choice of which operations round) is not torch's autocast
+        return f"{self.name}-{self.precision}{'-openvino' if self.runtime == 'openvino' else ''}"
 
     def describe(self) -> str:
         """One line naming the encoder's speed options (for logs and the benchmark)."""
         return (f"{self.name} on {self.device}: {self.precision}, batch {self.batch_size}"
                 f"{', BN folded' if self.fused else ''}{', channels-last' if self.channels_last else ''}"
                 f"{', compiled' if self.compiled else ''}"
-                f"{', ONNX Runtime' if self.runtime == 'onnxruntime' else ''}, decoder {self.decoder_runtime}, "
+                f"{', ONNX Runtime' if self.runtime == 'onnxruntime' else ''}"
+                f"{', OpenVINO' if self.runtime == 'openvino' else ''}, decoder {self.decoder_runtime}, "
                 f"{torch.get_num_threads()} threads")
 
     # ---- encoding -------------------------------------------------------------------------------
@@ -317,7 +396,7 @@ class SamBackend:
         if self.channels_last and self.runtime == "torch":
             x = x.contiguous(memory_format=torch.channels_last)
         encoder = self._encoder or self.model.image_encoder
-        if self.autocast_dtype is not None:
+        if self.autocast_dtype is not None and self.runtime == "torch":  # the others run their own precision
             with torch.autocast(self.device.type, dtype=self.autocast_dtype):
                 return encoder(x)
         return encoder(x)

@@ -92,6 +92,7 @@ class LiteMedSAMBackend(SamBackend):
     input_size = 256
     prefers_box = True
     batch_size = 4
+    auto_export_encoder = True  # TinyViT exports to ONNX in seconds: OpenVINO runs it on CPU by default
 
     def __init__(self, checkpoint: Optional[str | Path] = None, device: str | torch.device = "auto", *,
                  precision: Optional[str] = None, fuse: bool = True, channels_last: Optional[bool] = None,
