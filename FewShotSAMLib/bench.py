@@ -284,8 +284,16 @@ def bench_volume(image, labels: np.ndarray, organs: list[int], fast: EncoderVari
     fig["decoder_s_per_call"] = decode.seconds / max(1, decode.calls)
     fig["decoder_calls"] = decode.calls
     fig["four_organs_over_one_encode_pass"] = fig["four_organs_s"] / fig["one_encode_pass_s"]
-    fig["four_organs_reencode_estimate_s"] = len(organs) * fig["one_encode_pass_s"]
+    # Re-encoding every slice for every organ (the authors' code) pays four encode passes AND the same
+    # prompting and decoding; only the generator and decoder time measured in this run is added (the
+    # engine's own bookkeeping is left out, so the estimate errs low). The encoder-only estimate (four
+    # passes, nothing else) is kept beside it.
+    prompt_and_decode = gen.generate.seconds + decode.seconds
+    fig["four_organs_reencode_encoder_only_estimate_s"] = len(organs) * fig["one_encode_pass_s"]
+    fig["four_organs_reencode_estimate_s"] = fig["four_organs_reencode_encoder_only_estimate_s"] + prompt_and_decode
     fig["speedup_vs_reencode_estimate"] = fig["four_organs_reencode_estimate_s"] / fig["four_organs_s"]
+    fig["speedup_vs_reencode_encoder_only_estimate"] = (fig["four_organs_reencode_encoder_only_estimate_s"]
+                                                        / fig["four_organs_s"])
     del backend.decode, backend.encode_to_host
     session.bench_results = results
     return fig, session
@@ -591,7 +599,7 @@ def _print_summary(out: dict) -> None:
         lines.append(f"encoder {label:24s} {d['s_per_slice']:.3f} s/slice  x{d['speedup_vs_plain']:.2f} vs plain  "
                      f"(max rel diff {d['max_rel_diff']:.1e}, cos {d['mean_cos']:.5f})")
     for key in ("one_encode_pass_s", "four_organs_s", "one_organ_s", "four_organs_over_one_encode_pass",
-                "speedup_vs_reencode_estimate", "generator_s_per_slice", "decoder_s_per_call", "rerun_ms", "rerun_mrml_ms",
+                "speedup_vs_reencode_estimate", "speedup_vs_reencode_encoder_only_estimate", "generator_s_per_slice", "decoder_s_per_call", "rerun_ms", "rerun_mrml_ms",
                 "startup_to_first_encode_s", "startup_cpu_s", "peak_rss_gb"):
         if key in out:
             lines.append(f"{key:34s} {out[key]:.4g}")

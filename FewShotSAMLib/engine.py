@@ -370,7 +370,7 @@ class VolumeSession:
                     break
                 # Prefetch a batch ahead along the run so the encoder works in batches.
                 ahead = list(range(q, stop, step)[: self.backend.batch_size])
-                pv.embeddings(self.cache, ahead)
+                pv.encode(self.cache, ahead)
                 emb = self.cache.get(pv.key(q))
                 decoded = []
                 for piece in pieces:
@@ -539,7 +539,7 @@ class VolumeSession:
         out = np.zeros((pv.n_slices,) + pv.slices.shape[1:], bool)
         result = SegmentationResult(mask=example, axis=axis, painted=painted, intensity=self.intensity)
         order = sorted(prompts)
-        pv.embeddings(self.cache, order)
+        pv.encode(self.cache, order)
         for done, k in enumerate(order, 1):
             if cancel is not None and cancel():
                 raise CancelledError("cancelled")

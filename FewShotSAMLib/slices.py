@@ -60,8 +60,12 @@ class PreparedVolume:
         """Native slice mask -> model-frame bool mask."""
         return self.frame.mask_to_model(mask2d)
 
+    def encode(self, cache, indices: Sequence[int], on_encoded=None) -> None:
+        """Make sure ``cache`` holds the given slices' embeddings (encoding only the missing ones, in
+        batches); nothing is converted or returned, so prefetching costs nothing for cached slices."""
+        cache.ensure([self.key(i) for i in indices], self.frame_for_key, on_encoded)
+
     def embeddings(self, cache, indices: Sequence[int], on_encoded=None) -> list[torch.Tensor]:
         """Embeddings of the given slices through ``cache`` (encoding only the missing ones)."""
-        keys = [self.key(i) for i in indices]
-        cache.ensure(keys, self.frame_for_key, on_encoded)
-        return [cache.get(k) for k in keys]
+        self.encode(cache, indices, on_encoded)
+        return [cache.get(self.key(i)) for i in indices]

@@ -294,3 +294,77 @@ def test_devices_without_cuda():
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(UserInputError):
         resolve_device("tpu")
+
+
+# ---- the prompt embedding in numpy ---------------------------------------------------------------------
+@pytest.mark.parametrize("build", [build_litemedsam_model, build_mobilesam_model], ids=["litemedsam", "vit_t"])
+def test_numpy_sparse_prompt_embedding_matches_the_prompt_encoder(build):
+    """The numpy sparse embedding (what decode feeds the decoder) equals the family's PyTorch
+    PromptEncoder for points alone (one padding token, as SAM's predictor), a box alone, and both."""
+    from FewShotSAMLib.sam.prompt_embedding import SparsePromptEmbedding
+
+    torch.manual_seed(1)
+    enc = build().prompt_encoder.eval()
+    size = enc.input_image_size[0]
+    ours = SparsePromptEmbedding(enc)
+    xy = np.array([[0.2, 0.7], [0.55, 0.5], [0.9, 0.1]], np.float32) * size
+    labels = np.array([1, 0, 0])
+    box = np.array([0.3, 0.2, 0.8, 0.6], np.float32) * size
+    cases = [(xy, labels, None), (None, None, box), (xy, labels, box), (xy[:1], labels[:1], None)]
+    with torch.no_grad():
+        for pts, lab, bx in cases:
+            points = None if pts is None else (torch.from_numpy(pts)[None], torch.from_numpy(lab)[None])
+            boxes = None if bx is None else torch.from_numpy(bx)[None]
+            expected = enc(points=points, boxes=boxes, masks=None)[0][0].numpy()
+            got = ours(pts, lab, bx)
+            assert got.shape == expected.shape
+            np.testing.assert_allclose(got, expected, atol=2e-5)
+    assert ours(None, None, None).shape == (0, enc.embed_dim)
+
+
+def test_point_only_decode_has_one_padding_token(files):
+    """A decode from points alone gives what SAM's predictor gives: the prompt encoder's single padding
+    token closes the sequence (an earlier version added a second one)."""
+    backend = LiteMedSAMBackend(files["litemedsam"], device="cpu", runtime="torch", decoder_runtime="torch")
+    model = backend.model
+    emb = torch.randn(256, 64, 64, generator=torch.Generator().manual_seed(5))
+    fg, bg = np.array([[100.0, 120.0]]), np.array([[30.0, 40.0], [200.0, 210.0]])
+    got = backend.decode(emb, Prompts(fg_points=fg, bg_points=bg))
+    coords = torch.tensor(np.concatenate([fg, bg])[:, ::-1].copy(), dtype=torch.float32)[None]
+    labels = torch.tensor([[1, 0, 0]])
+    with torch.no_grad():
+        sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        low, iou = model.mask_decoder.predict_masks(emb[None].float(), model.prompt_encoder.get_dense_pe(),
+                                                     sparse, dense)
+    assert sparse.shape[1] == 4  # three points and one padding token
+    np.testing.assert_allclose(got.low_res, low[0, 0].numpy(), atol=1e-4)
+    assert abs(got.score - float(iou[0, 0])) < 1e-5
+
+
+@pytest.mark.parametrize("build", [build_litemedsam_model, build_mobilesam_model], ids=["litemedsam", "vit_t"])
+def test_exported_decoder_graph_equals_predict_masks(build):
+    """The decoder graph exported to ONNX Runtime (output upscaling as per-pixel matrix products) gives
+    the family's own predict_masks for every mask token, with and without a box."""
+    from FewShotSAMLib.sam.base import _AllMasks
+    from FewShotSAMLib.sam.prompt_embedding import SparsePromptEmbedding
+
+    torch.manual_seed(2)
+    model = build().eval()
+    graph = _AllMasks(model.mask_decoder)
+    assert graph.fast  # the reference decoder's structure is recognised
+    enc = model.prompt_encoder
+    emb = torch.randn(1, enc.embed_dim, *enc.image_embedding_size)
+    pe = enc.get_dense_pe()
+    dense = enc.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, *enc.image_embedding_size)
+    size = enc.input_image_size[0]
+    embed = SparsePromptEmbedding(enc)
+    with torch.no_grad():
+        for box in (None, np.array([0.2, 0.3, 0.7, 0.8], np.float32) * size):
+            sparse = torch.from_numpy(embed(np.array([[0.5, 0.5], [0.1, 0.9]], np.float32) * size,
+                                            np.array([1, 0]), box))[None]
+            masks, iou = graph(emb, pe, sparse, dense)
+            ref_masks, ref_iou = model.mask_decoder.predict_masks(emb, pe, sparse, dense)
+            assert masks.shape == ref_masks.shape
+            scale = float(ref_masks.abs().max())
+            assert float((masks - ref_masks).abs().max()) <= 1e-5 * max(scale, 1.0)
+            torch.testing.assert_close(iou, ref_iou, atol=1e-5, rtol=1e-5)

@@ -14,5 +14,5 @@ for img in sorted(data.glob("image_*.nii.gz"), key=lambda p: int(p.name.split("_
     t = time.time()
     vol = read_volume(img)
     pv = PreparedVolume(vol.array, vol.spacing, 0, choose_intensity(vol.array, vol.metadata), backend.input_size)
-    pv.embeddings(cache, range(pv.n_slices))
+    pv.encode(cache, range(pv.n_slices))
     print(img.name, pv.n_slices, f"{time.time()-t:.1f}s", flush=True)

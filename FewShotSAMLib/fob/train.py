@@ -220,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
             v.ends = [p for p in v.ends if p[0] in have and p[1] in have]
         else:
             log.info("encoding missing slices of %s (if any)", img.name)
-            v.prepared.embeddings(cache, range(v.prepared.n_slices))
+            v.prepared.encode(cache, range(v.prepared.n_slices))
         log.info("%s: %d episode pairs, %d end pairs", img.name, len(v.pairs), len(v.ends))
         if v.pairs:
             volumes.append(v)

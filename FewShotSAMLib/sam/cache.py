@@ -183,7 +183,10 @@ class EmbeddingCache:
                 raise KeyError(key)
             self.ensure([key], frame)
             emb = self._lookup(key)
-        return torch.from_numpy(emb).to(self.backend.device, torch.float32)
+        if self.backend.device.type == "cpu":
+            # numpy's cast: torch's would wake its thread pool, whose cores the decoder's threads hold
+            return torch.from_numpy(emb.astype(np.float32))
+        return torch.from_numpy(emb).to(self.backend.device).float()  # float16 over the bus, cast on the device
 
     def get_many(self, keys: Iterable[Hashable], frame: Callable[[Hashable], np.ndarray]) -> list[torch.Tensor]:
         """Embeddings of several keys, encoding the missing ones in batches."""
