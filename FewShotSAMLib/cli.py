@@ -145,7 +145,8 @@ def run_segment(args: argparse.Namespace) -> int:
             axis, prompts = read_prompts(args.prompts_in, image)
             result = session.segment_from_prompts(example, axis, prompts, progress=progress)
         else:
-            result = session.segment(example, generator=args.generator, extent=extent, progress=progress)
+            result = session.segment(example, generator=args.generator, extent=extent, progress=progress,
+                                     release_embeddings=True)
     finally:
         bar.close()
 

@@ -286,7 +286,8 @@ class VolumeSession:
     def segment(self, example_mask: np.ndarray, *, generator: Union[str, PromptGenerator] = DEFAULT_GENERATOR,
                 extent: Extent = "auto", axis: Optional[int] = None, rules: Optional[ExtentRules] = None,
                 progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
-                connected: bool = True, shape: Optional[ShapeRules] = None) -> SegmentationResult:
+                connected: bool = True, shape: Optional[ShapeRules] = None,
+                release_embeddings: bool = False) -> SegmentationResult:
         """Segment the target painted in ``example_mask`` (bool, image shape) on every slice.
 
         ``extent`` is "auto" (propagate until the target ends) or (z0, z1), an inclusive forced range
@@ -297,6 +298,10 @@ class VolumeSession:
         own prompts and its own extent, and the pieces are united; holes in the painted target (e.g. the
         spinal canal inside a vertebra) get background points and are decoded and removed where SAM
         fills them. ``shape`` says what counts as a piece or a hole and switches these off.
+
+        ``release_embeddings`` drops the embeddings held in memory once every slice is decoded, before the
+        3D connectivity step, for callers that will not re-run slices (the ``segment`` command: on a large
+        CT that step and the cache's cap would otherwise add up at the peak).
         """
         t0 = time.perf_counter()
         shape_rules = shape or ShapeRules()
@@ -399,6 +404,8 @@ class VolumeSession:
                 result.scores[q] = float(np.mean([d[2] for d in decoded]))
                 tick()
 
+        if release_embeddings:
+            self.cache.drop_memory()
         mask = np.moveaxis(out, 0, axis)
         if connected:
             mask = keep_connected_to(mask, example)

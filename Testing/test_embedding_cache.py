@@ -251,3 +251,15 @@ def test_litemedsam_encodes_and_segments_a_bright_square():
     inside = (mask & square).sum()
     # measured: 5116 mask pixels, all inside the square (80% of it, score 0.92): LiteMedSAM trims the rim
     assert inside / mask.sum() > 0.95 and inside / square.sum() > 0.7, (inside, mask.sum())
+
+
+def test_drop_memory_keeps_spilled_files_and_encodes_only_the_rest():
+    backend = TinyBackend()
+    cache = EmbeddingCache(backend, cap_bytes=int(2.5 * EMB_BYTES))  # two in memory
+    first = {k: f16_bytes(cache.get(k, frames_by_key)) for k in range(4)}  # 0, 1 spilled; 2, 3 in memory
+    assert cache.spilled == 2 and backend.n_encoded == 4
+    cache.drop_memory()
+    assert cache.memory_bytes == 0 and 2 not in cache and 0 in cache
+    assert f16_bytes(cache.get(0)) == first[0] and backend.n_encoded == 4  # read back from the spill folder
+    assert f16_bytes(cache.get(3, frames_by_key)) == first[3] and backend.n_encoded == 5  # encoded again
+    cache.close()

@@ -185,3 +185,20 @@ def test_chaos_middle_slice_auto_extent(chaos1, label, floor):
     ex[zs[len(zs) // 2]] = gt[zs[len(zs) // 2]]
     res = session.segment(ex)
     assert dice(res.mask, gt) >= floor
+
+
+def test_release_embeddings_frees_the_cache_and_changes_nothing(litemedsam):
+    """``segment(..., release_embeddings=True)`` (what the segment command asks for) gives the same result
+    and leaves no embedding in memory; a later run on the session encodes again or reads spilled files."""
+    image, blob = blob_volume()
+    ex = np.zeros_like(blob)
+    ex[4] = blob[4]
+    kept = VolumeSession(image, (3.0, 1.0, 1.0), sam=litemedsam)
+    released = VolumeSession(image, (3.0, 1.0, 1.0), sam=litemedsam)
+    a = kept.segment(ex, generator="boxprop")
+    b = released.segment(ex, generator="boxprop", release_embeddings=True)
+    assert np.array_equal(a.mask, b.mask)
+    assert kept.cache.memory_bytes > 0 and released.cache.memory_bytes == 0
+    encoded = released.cache.encoded
+    c = released.segment(ex, generator="boxprop")
+    assert np.array_equal(c.mask, a.mask) and released.cache.encoded > encoded

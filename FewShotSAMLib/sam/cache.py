@@ -194,6 +194,12 @@ class EmbeddingCache:
         self.ensure(keys, frame)
         return [self.get(k) for k in keys]
 
+    def drop_memory(self) -> None:
+        """Forget the embeddings held in memory (files spilled or persisted stay on disk); a later ``get``
+        loads or encodes them again. For one-shot runs that need the memory back before their last step."""
+        self._mem.clear()
+        self._mem_bytes = 0
+
     def close(self) -> None:
         """Delete the temporary spill folder (persistent files stay)."""
         if self._spill is not None:
