@@ -60,7 +60,7 @@ class EncoderVariant:
         """'bf16-fused-cl-b4' -> EncoderVariant (parts in any order)."""
         v = {"precision": "fp32", "fuse": False, "channels_last": False, "compile": False, "batch": 1, "threads": 0, "runtime": "torch"}
         for part in text.lower().split("-"):
-            if part in ("fp32", "bf16", "fp16"):
+            if part in ("fp32", "bf16", "fp16", "mixed"):
                 v["precision"] = part
             elif part == "fused":
                 v["fuse"] = True
@@ -78,16 +78,24 @@ class EncoderVariant:
                 v["threads"] = int(part[1:])
             else:
                 raise UserInputError(f"Unknown part '{part}' in encoder variant '{text}'; use e.g. fp32-b1 or "
-                                     "bf16-fused-cl-compiled-b4-t2 (precision fp32/bf16, fused, cl, compiled, "
+                                     "bf16-fused-cl-compiled-b4-t2 (precision fp32/bf16/mixed, fused, cl, compiled, "
                                      "ort for ONNX Runtime, ov for OpenVINO, bN batch, tN threads).")
         return EncoderVariant(**v)
 
 
 _RUNTIME_PARTS = {"onnxruntime": ["ort"], "openvino": ["ov"]}
 PLAIN = EncoderVariant()
-DEFAULT_FAST = "fp32-fused-ov-b4"  # the library's default on CPU (OpenVINO); without openvino: FALLBACK_FAST
-FALLBACK_FAST = "fp32-fused-b4"  # the library's default when openvino is not installed
-DEFAULT_VARIANTS = "fp32-fused-b4,fp32-fused-ort-b4,bf16-fused-cl-b4,bf16-fused-ov-b4"
+DEFAULT_VARIANTS = "fp32-fused-b4,fp32-fused-ort-b4,fp32-fused-ov-b4,bf16-fused-cl-b4,bf16-fused-ov-b4"
+
+
+def library_default_variant() -> str:
+    """The encoder variant the library itself runs on this CPU: OpenVINO in 'mixed' precision where the CPU
+    has native bfloat16, else in float32; PyTorch with BN folding when openvino is not installed."""
+    from .sam.base import cpu_has_fast_bf16, openvino_available
+
+    if not openvino_available():
+        return "fp32-fused-b4"
+    return f"{'mixed' if cpu_has_fast_bf16() else 'fp32'}-fused-ov-b4"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -98,7 +106,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="Write the figures to this JSON file.")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu).")
     p.add_argument("--fast", default=None, help="The encoder variant used for the whole-volume figures (default: the "
-                   f"library's default path, {DEFAULT_FAST}, or {FALLBACK_FAST} without openvino).")
+                   "library's default path on this machine: mixed-fused-ov-b4 on a CPU with native bfloat16, "
+                   "fp32-fused-ov-b4 on others, fp32-fused-b4 without openvino).")
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help="Other encoder variants to time against the plain path, comma-separated ('' for none).")
     p.add_argument("--encoder-slices", type=int, default=8, help="Slices per encoder timing round (default 8).")
     p.add_argument("--rounds", type=int, default=3, help="Interleaved encoder timing rounds (default 3).")
@@ -553,7 +562,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         vol_path, lab_path = _chaos_default(data_dir)
     organs = [int(v) for v in args.organs.split(",") if v.strip()]
-    fast = EncoderVariant.parse(args.fast or (DEFAULT_FAST if openvino_available() else FALLBACK_FAST))
+    fast = EncoderVariant.parse(args.fast or library_default_variant())
     device = str(resolve_device(args.device))
     out: dict = {
         "device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,

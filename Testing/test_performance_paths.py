@@ -232,7 +232,7 @@ def test_openvino_encoder_matches_plain(tinyvit_frames, plain_embeddings, tmp_pa
     assert ov16.cache_name == "tinyvit-test-bf16-openvino"  # not torch's bf16 autocast folder
     assert torch.isfinite(ov16.encode(tinyvit_frames)).all()  # random weights may overflow in bfloat16
     assert len(list(tmp_path.glob("*.onnx"))) == 1  # one export serves both precisions
-    with pytest.raises(UserInputError, match="fp32 or bf16"):
+    with pytest.raises(UserInputError, match="fp32, bf16 or mixed"):
         TinySamBackend(device="cpu", precision="fp32", runtime="openvino", compile=True)
 
 
@@ -245,7 +245,7 @@ def test_openvino_bf16_reencodes_non_finite_slices_in_fp32(tinyvit_frames, plain
     _, ref = plain_embeddings
     ov16 = TinyVitBackend(precision="bf16", fuse=True, runtime="openvino")
     encoder = ov16._encoder
-    real = encoder.request
+    real = encoder.stages[-1]
 
     class Overflowing:  # OpenVINO's bfloat16 request, with its first answer spoilt
         def __init__(self) -> None:
@@ -258,27 +258,91 @@ def test_openvino_bf16_reencodes_non_finite_slices_in_fp32(tinyvit_frames, plain
                 out[0][0, 0, 0, 0] = np.nan
             return out
 
-    encoder.request = Overflowing()
+    encoder.stages[-1] = Overflowing()
     got = ov16.encode(tinyvit_frames)
     assert torch.isfinite(got).all() and encoder.fallbacks == 1
     assert _rel(got[:1], ref[:1]) < 1e-4  # the spoilt slice came from the float32 model
 
 
-def test_litemedsam_openvino_is_the_cpu_default_and_bf16_stays_close(litemedsam):
-    """On CPU the embedded LiteMedSAM encodes with OpenVINO (float32, the plain path's values); its
-    bfloat16 path stays within the cosine measured on CHAOS (0.9987 mean)."""
+def test_mixed_precision_keeps_the_stem_in_float32(tinyvit_frames, plain_embeddings, tmp_path, monkeypatch):
+    """Precision 'mixed': stem then rest is the whole encoder; PyTorch runs the stem in float32 and the
+    rest under bfloat16 autocast; OpenVINO compiles the two parts (float32, bfloat16); both keep their
+    embeddings in their own folder; ONNX Runtime (float32 only) refuses it."""
+    from FewShotSAMLib.sam.base import split_encoder
+
+    monkeypatch.setenv("FEWSHOTSAM_ONNX_DIR", str(tmp_path))
+    plain, ref = plain_embeddings
+    stem, rest = split_encoder(plain.model.image_encoder)
+    x = plain._normalise(torch.from_numpy(tinyvit_frames))
+    with torch.no_grad():
+        torch.testing.assert_close(rest(stem(x)), ref, rtol=1e-5, atol=1e-5)
+
+    mixed = TinyVitBackend(precision="mixed", fuse=True, runtime="torch")
+    assert mixed.cache_name == "tinyvit-test-mixed"
+    seen = []
+    layers = mixed.model.image_encoder.layers
+    hooks = [layer.register_forward_hook(lambda m, i, o: seen.append(o.dtype)) for layer in (layers[0], layers[1])]
+    out = mixed.encode(tinyvit_frames)
+    for h in hooks:
+        h.remove()
+    assert seen == [torch.float32, torch.bfloat16]  # the stem's output is float32, the next stage bfloat16
+    cos = torch.nn.functional.cosine_similarity(out.flatten(1).double(), ref.flatten(1).double(), dim=1)
+    assert out.dtype == torch.float32 and float(cos.min()) > 0.99
+
+    with pytest.raises(UserInputError, match="fp32"):
+        TinyVitBackend(precision="mixed", runtime="onnxruntime")
+    pytest.importorskip("openvino")
+    pytest.importorskip("onnx")
+    ovm = TinyVitBackend(precision="mixed", fuse=True, runtime="openvino")
+    assert ovm.cache_name == "tinyvit-test-mixed-openvino" and len(ovm._encoder.stages) == 2
+    assert sorted(p.name.split("-b1-")[1].split("-")[0] for p in tmp_path.glob("*.onnx")) == ["rest", "stem"]
+    got = ovm.encode(tinyvit_frames)
+    cos = torch.nn.functional.cosine_similarity(got.flatten(1).double(), ref.flatten(1).double(), dim=1)
+    assert torch.isfinite(got).all() and float(cos.min()) > 0.99
+
+
+def test_split_encoder_of_a_vit_and_of_other_encoders():
+    """SAM's ViT splits after its patch and position embedding, with the whole encoder's values; an
+    encoder of another structure gets a clear error."""
+    from segment_anything.modeling import ImageEncoderViT
+
+    from FewShotSAMLib.sam.base import split_encoder
+
+    torch.manual_seed(3)
+    vit = ImageEncoderViT(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2, out_chans=16,
+                          window_size=2, global_attn_indexes=(1,)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    stem, rest = split_encoder(vit)
+    with torch.no_grad():
+        torch.testing.assert_close(rest(stem(x)), vit(x))
+    with pytest.raises(UserInputError, match="TinyViT or ViT"):
+        split_encoder(CountingEncoder())
+    with pytest.raises(UserInputError, match="TinyViT or ViT"):
+        TinySamBackend(precision="mixed")
+
+
+def test_litemedsam_openvino_is_the_cpu_default_and_reduced_precisions_stay_close(litemedsam, monkeypatch):
+    """On CPU the embedded LiteMedSAM encodes with OpenVINO, in 'mixed' precision where the CPU has native
+    bfloat16 and in float32 elsewhere; OpenVINO float32 gives the plain path's values; 'mixed' and
+    bfloat16 stay within cosines measured on CHAOS ('mixed' is the closer of the two there)."""
     pytest.importorskip("openvino")
     from FewShotSAMLib.sam.litemedsam import LiteMedSAMBackend
 
-    assert litemedsam.runtime == "openvino" and litemedsam.precision == "fp32"
+    monkeypatch.delenv("FEWSHOTSAM_PRECISION", raising=False)
+    assert litemedsam.runtime == "openvino"
+    assert litemedsam.precision == ("mixed" if cpu_has_fast_bf16() else "fp32")
+    assert LiteMedSAMBackend(device="cpu", runtime="torch").precision == "fp32"  # PyTorch: no 'mixed' by default
     frames = _frames(2, 256, seed=4)
     plain = LiteMedSAMBackend(device="cpu", fuse=False, runtime="torch").encode(frames)
-    assert _rel(litemedsam.encode(frames), plain) < 1e-4
-    bf16 = LiteMedSAMBackend(device="cpu", precision="bf16")
-    assert bf16.runtime == "openvino" and bf16.cache_name == "litemedsam-bf16-openvino"
-    got = bf16.encode(frames)
-    cos = torch.nn.functional.cosine_similarity(got.flatten(1).double(), plain.flatten(1).double(), dim=1)
-    assert torch.isfinite(got).all() and float(cos.min()) > 0.99
+    fp32 = LiteMedSAMBackend(device="cpu", precision="fp32")
+    assert fp32.runtime == "openvino" and fp32.cache_name == "litemedsam"
+    assert _rel(fp32.encode(frames), plain) < 1e-4
+    for name in ("mixed", "bf16"):
+        backend = LiteMedSAMBackend(device="cpu", precision=name)
+        assert backend.runtime == "openvino" and backend.cache_name == f"litemedsam-{name}-openvino"
+        got = backend.encode(frames)
+        cos = torch.nn.functional.cosine_similarity(got.flatten(1).double(), plain.flatten(1).double(), dim=1)
+        assert torch.isfinite(got).all() and float(cos.min()) > 0.99
 
 
 def test_bench_variant_names_round_trip():
@@ -326,7 +390,10 @@ def test_precision_resolution(monkeypatch):
     monkeypatch.delenv("FEWSHOTSAM_PRECISION", raising=False)
     assert resolve_precision(None, cpu) == "fp32"
     assert resolve_precision(None, torch.device("cuda")) == "fp16"
-    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_fast_bf16() else "fp32")
+    assert resolve_precision("auto", cpu) == "fp32"  # PyTorch runs the encoder: 'mixed' would not be faster
+    fast = "mixed" if cpu_has_fast_bf16() else "fp32"
+    assert resolve_precision("auto", cpu, mixed_is_fast=True) == fast  # OpenVINO runs it
+    assert resolve_precision(None, cpu, mixed_is_fast=True) == fast
     monkeypatch.setenv("FEWSHOTSAM_PRECISION", "bf16")
     assert resolve_precision(None, cpu) == "bf16"
     assert resolve_precision("fp32", cpu) == "fp32"  # an explicit choice wins over the variable

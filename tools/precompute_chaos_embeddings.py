@@ -1,4 +1,6 @@
-"""Fill the persistent embedding cache (.cache/embeddings) for all CHAOS volumes (axial, LiteMedSAM)."""
+"""Fill the persistent embedding cache (.cache/embeddings) for all CHAOS volumes (axial, LiteMedSAM in the
+library's default precision for this machine, into that precision's folder; FEWSHOTSAM_PRECISION=fp32 for the
+float32 folder the committed tables were computed from)."""
 import logging, sys, time
 from pathlib import Path
 import torch

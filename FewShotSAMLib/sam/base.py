@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -36,8 +36,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     raise UserInputError(f"Unknown device '{device}'; use auto, cpu or cuda.")
 
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-PRECISION_ENV = "FEWSHOTSAM_PRECISION"  # fp32 | bf16 | fp16 | auto: the encoder's arithmetic when not given
+PRECISIONS = ("fp32", "bf16", "fp16", "mixed")
+PRECISION_ENV = "FEWSHOTSAM_PRECISION"  # fp32 | bf16 | fp16 | mixed | auto: the encoder's arithmetic when not given
 COMPILE_ENV = "FEWSHOTSAM_COMPILE"  # 1 to torch.compile the encoder when not given
 CHANNELS_LAST_ENV = "FEWSHOTSAM_CHANNELS_LAST"  # 1 for channels-last encoder convolutions when not given
 RUNTIME_ENV = "FEWSHOTSAM_RUNTIME"  # auto | torch | onnxruntime | openvino: what runs the encoder when not given
@@ -55,27 +55,87 @@ def _onnx_dir() -> "os.PathLike":
     return Path(os.environ.get(ONNX_DIR_ENV) or Path.home() / ".cache" / "fewshotsam" / "onnx")
 
 
-def export_encoder_onnx(encoder: torch.nn.Module, name: str, input_size: int) -> "os.PathLike":
-    """The image encoder exported once to ONNX at batch 1 (file named after the weights' digest, kept in
-    FEWSHOTSAM_ONNX_DIR, written atomically); returns its path. Batch 1 because encoders such as TinyViT
-    read the batch size as a Python number, which a trace freezes."""
+def weights_digest(encoder: torch.nn.Module) -> str:
+    """SHA-1 of a module's weights (names and values): what exported files are named after."""
     import hashlib
 
     digest = hashlib.sha1()
     for key, value in encoder.state_dict().items():
         digest.update(key.encode())
         digest.update(value.detach().cpu().float().contiguous().numpy().tobytes())
-    path = _onnx_dir() / f"{name}-{input_size}-b1-{digest.hexdigest()[:16]}.onnx"
+    return digest.hexdigest()
+
+
+def export_encoder_onnx(encoder: torch.nn.Module, name: str, input_size: int, *, part: str = "",
+                        module: Optional[torch.nn.Module] = None,
+                        example: Optional[Callable[[], torch.Tensor]] = None,
+                        digest: Optional[str] = None) -> "os.PathLike":
+    """The image encoder (or ``module``, its ``part``, fed ``example()``) exported once to ONNX at batch 1
+    (file named after the encoder's weights' digest, kept in FEWSHOTSAM_ONNX_DIR, written atomically);
+    returns its path. Batch 1 because encoders such as TinyViT read the batch size as a Python number,
+    which a trace freezes. ``example`` is called only when the file has to be written."""
+    digest = digest or weights_digest(encoder)
+    path = _onnx_dir() / f"{name}-{input_size}-b1{'-' + part if part else ''}-{digest[:16]}.onnx"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        log.info("exporting the %s encoder to %s (once per machine)", name, path)
-        example = torch.zeros(1, 3, input_size, input_size)
+        log.info("exporting the %s encoder%s to %s (once per machine)", name, f" ({part})" if part else "", path)
+        module = (module or encoder).cpu().eval()
         with torch.no_grad():
-            torch.onnx.export(encoder.cpu().eval(), example, str(tmp), input_names=["x"], output_names=["y"],
+            x = example() if example is not None else torch.zeros(1, 3, input_size, input_size)
+            torch.onnx.export(module, x, str(tmp), input_names=["x"], output_names=["y"],
                               opset_version=17, dynamo=False)
         os.replace(tmp, path)
     return path
+
+
+class _EncoderPart(torch.nn.Module):
+    """A part of a TinyViT or ViT image encoder, sharing its modules."""
+
+    def __init__(self, encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.tinyvit = hasattr(encoder, "layers")
+
+
+class _EncoderStem(_EncoderPart):
+    """The first, full-resolution part of an image encoder, which precision 'mixed' keeps in float32:
+    TinyViT's patch embedding and convolutional first stage (LiteMedSAM, MobileSAM), or ViT's patch and
+    position embedding (SAM ViT-B/L/H). Its rounding in bfloat16 costs the most accuracy for the least
+    time (docs/PERFORMANCE.md)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.encoder
+        if self.tinyvit:
+            return e.layers[0](e.patch_embed(x))
+        x = e.patch_embed(x)
+        return x + e.pos_embed if e.pos_embed is not None else x
+
+
+class _EncoderRest(_EncoderPart):
+    """The image encoder after :class:`_EncoderStem` (stem then rest = the whole encoder)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.encoder
+        if self.tinyvit:
+            for layer in e.layers[1:]:
+                x = layer(x)
+            b, _, c = x.shape
+            return e.neck(x.view(b, 64, 64, c).permute(0, 3, 1, 2))  # TinyViT's own fixed 64x64 grid
+        for block in e.blocks:
+            x = block(x)
+        return e.neck(x.permute(0, 3, 1, 2))
+
+
+def split_encoder(encoder: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(stem, rest) of a TinyViT or SAM ViT image encoder, sharing its weights; ``rest(stem(x))`` equals
+    ``encoder(x)``. A UserInputError for an encoder of another structure."""
+    tinyvit = all(hasattr(encoder, a) for a in ("patch_embed", "layers", "neck"))
+    vit = all(hasattr(encoder, a) for a in ("patch_embed", "blocks", "neck", "pos_embed"))
+    if not (tinyvit or vit):
+        raise UserInputError(f"Precision 'mixed' needs a TinyViT or ViT image encoder, not {type(encoder).__name__}; "
+                             "use precision fp32 or bf16.")
+    return _EncoderStem(encoder), _EncoderRest(encoder)
 
 
 class OnnxEncoder:
@@ -100,11 +160,13 @@ class OnnxEncoder:
 
 
 class OpenVinoEncoder:
-    """The exported image encoder compiled by OpenVINO for the CPU, in float32 or bfloat16 (OpenVINO's
-    inference precision: bfloat16 matrix products where the CPU has them, float32 elsewhere), one slice
-    per run. The compiled model is kept beside the ONNX file (OpenVINO's model cache), so only the first
-    run on a machine pays for the compilation. A bfloat16 slice whose embedding is not finite (seen with
-    random weights, never on the CHAOS volumes) is encoded again in float32."""
+    """The exported image encoder compiled by OpenVINO for the CPU, one slice per run, in float32,
+    bfloat16 (OpenVINO's inference precision: bfloat16 matrix products where the CPU has them, float32
+    elsewhere) or 'mixed' (the stem of :func:`split_encoder` in float32, the rest in bfloat16: two
+    compiled models run one after the other). The compiled models are kept beside the ONNX files
+    (OpenVINO's model cache), so only the first run on a machine pays for the compilation. A slice whose
+    reduced-precision embedding is not finite (seen with random weights, never on the CHAOS volumes) is
+    encoded again in float32."""
 
     def __init__(self, encoder: torch.nn.Module, name: str, input_size: int, precision: str) -> None:
         try:
@@ -112,26 +174,37 @@ class OpenVinoEncoder:
         except ImportError as exc:
             raise UserInputError("The openvino encoder needs the openvino and onnx packages: "
                                  "pip install openvino onnx, or use the torch runtime.") from exc
-        self.path = export_encoder_onnx(encoder, name, input_size)
         self._core = ov.Core()
         self.precision = precision
-        self.request = self._compile(precision)
-        self._fp32_request = None  # the float32 model for non-finite bfloat16 answers, compiled when needed
+        if precision == "mixed":
+            stem, rest = split_encoder(encoder)
+            digest = weights_digest(encoder)
+            self.path = export_encoder_onnx(encoder, name, input_size, part="stem", module=stem, digest=digest)
+            self.rest_path = export_encoder_onnx(
+                encoder, name, input_size, part="rest", module=rest, digest=digest,
+                example=lambda: stem.cpu().eval()(torch.zeros(1, 3, input_size, input_size)))
+            self.stages = [self._compile(self.path, "fp32"), self._compile(self.rest_path, "bf16")]
+        else:
+            self.path = self.rest_path = export_encoder_onnx(encoder, name, input_size)
+            self.stages = [self._compile(self.path, precision)]
+        self._fp32_request = None  # the float32 last stage for non-finite answers, compiled when needed
         self.fallbacks = 0  # slices encoded again in float32
 
-    def _compile(self, precision: str):
+    def _compile(self, path: "os.PathLike", precision: str):
         config = {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision],
                   "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads(),
                   "CACHE_DIR": str(_onnx_dir() / "openvino-cache")}
-        return self._core.compile_model(str(self.path), "CPU", config).create_infer_request()
+        return self._core.compile_model(str(path), "CPU", config).create_infer_request()
 
     def _one(self, x: np.ndarray) -> np.ndarray:
-        y = self.request.infer({0: x})[0].copy()
+        for stage in self.stages[:-1]:  # x becomes the last stage's input (the float32 stem's output)
+            x = stage.infer({0: x})[0].copy()
+        y = self.stages[-1].infer({0: x})[0].copy()
         if self.precision != "fp32" and not np.isfinite(y).all():
             if self._fp32_request is None:
                 log.warning("the %s encoder gave a non-finite embedding; such slices are encoded in float32",
                             self.precision)
-                self._fp32_request = self._compile("fp32")
+                self._fp32_request = self._compile(self.rest_path, "fp32")
             self.fallbacks += 1
             y = self._fp32_request.infer({0: x})[0].copy()
         return y
@@ -271,19 +344,22 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
-def resolve_precision(precision: Optional[str], device: torch.device) -> str:
-    """The encoder's arithmetic: 'fp32' (plain), 'bf16' (CPU or CUDA autocast) or 'fp16' (CUDA autocast).
+def resolve_precision(precision: Optional[str], device: torch.device, mixed_is_fast: bool = False) -> str:
+    """The encoder's arithmetic: 'fp32' (plain), 'bf16' (CPU or CUDA autocast), 'mixed' (the encoder's
+    stem in float32, the rest in bfloat16, see :func:`split_encoder`) or 'fp16' (CUDA autocast).
 
-    ``None`` reads the ``FEWSHOTSAM_PRECISION`` environment variable; unset means 'fp32' on CPU and
-    'fp16' on CUDA. 'auto' picks 'fp16' on CUDA, and on CPU 'bf16' when the CPU has native bfloat16.
+    ``None`` reads the ``FEWSHOTSAM_PRECISION`` environment variable; unset means 'auto': 'fp16' on CUDA;
+    on CPU 'mixed' when the CPU has native bfloat16 and ``mixed_is_fast`` (the caller runs the encoder in
+    OpenVINO, where 'mixed' is about 1.4x faster than float32 at the same accuracy, docs/PERFORMANCE.md),
+    else 'fp32'.
     """
-    name = (precision or os.environ.get(PRECISION_ENV) or ("fp16" if device.type == "cuda" else "fp32")).lower()
+    name = (precision or os.environ.get(PRECISION_ENV) or "auto").lower()
     if name == "auto":
-        name = "fp16" if device.type == "cuda" else ("bf16" if cpu_has_fast_bf16() else "fp32")
+        name = "fp16" if device.type == "cuda" else ("mixed" if mixed_is_fast and cpu_has_fast_bf16() else "fp32")
     if name not in PRECISIONS:
-        raise UserInputError(f"Unknown precision '{precision or os.environ.get(PRECISION_ENV)}'; use fp32, bf16, fp16 or auto.")
+        raise UserInputError(f"Unknown precision '{precision or os.environ.get(PRECISION_ENV)}'; use fp32, bf16, mixed, fp16 or auto.")
     if name == "fp16" and device.type != "cuda":
-        raise UserInputError("float16 encoding is for CUDA GPUs; on CPU use precision bf16 or fp32.")
+        raise UserInputError("float16 encoding is for CUDA GPUs; on CPU use precision mixed, bf16 or fp32.")
     return name
 
 
@@ -352,8 +428,14 @@ class SamBackend:
                  decoder_runtime: Optional[str] = None) -> None:
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
-        self.precision = resolve_precision(precision, self.device)
-        self.autocast_dtype: Optional[torch.dtype] = {"fp32": None, "bf16": torch.bfloat16,
+        if compile is None:
+            compile = os.environ.get(COMPILE_ENV, "0").strip().lower() in ("1", "true", "yes")
+        self.compiled = bool(compile)
+        self.runtime = (runtime or os.environ.get(RUNTIME_ENV) or "auto").lower()
+        if self.runtime not in ENCODER_RUNTIMES + ("auto",):
+            raise UserInputError(f"Unknown encoder runtime '{self.runtime}'; use auto, {', '.join(ENCODER_RUNTIMES)}.")
+        self.precision = resolve_precision(precision, self.device, self._openvino_will_run())
+        self.autocast_dtype: Optional[torch.dtype] = {"fp32": None, "bf16": torch.bfloat16, "mixed": torch.bfloat16,
                                                       "fp16": torch.float16}[self.precision]
         self.fused = fuse_conv_bn(self.model.image_encoder) if fuse and hasattr(self.model, "image_encoder") else 0
         if channels_last is None:
@@ -361,16 +443,15 @@ class SamBackend:
         self.channels_last = bool(channels_last)
         if self.channels_last:
             self.model.image_encoder.to(memory_format=torch.channels_last)
-        if compile is None:
-            compile = os.environ.get(COMPILE_ENV, "0").strip().lower() in ("1", "true", "yes")
-        self.compiled = bool(compile)
         self._encoder = torch.compile(self.model.image_encoder, dynamic=False) if self.compiled else None
-        self.runtime = (runtime or os.environ.get(RUNTIME_ENV) or "auto").lower()
-        if self.runtime not in ENCODER_RUNTIMES + ("auto",):
-            raise UserInputError(f"Unknown encoder runtime '{self.runtime}'; use auto, {', '.join(ENCODER_RUNTIMES)}.")
+        self._split: Optional[tuple[torch.nn.Module, torch.nn.Module]] = None  # precision 'mixed' in PyTorch
+        if self.precision == "mixed":
+            self._split = split_encoder(self.model.image_encoder)
+            if self.compiled:
+                self._split = tuple(torch.compile(part, dynamic=False) for part in self._split)
         if self.runtime == "auto":
             self.runtime = "torch"
-            if (self.auto_export_encoder and self.device.type == "cpu" and self.precision in ("fp32", "bf16")
+            if (self.auto_export_encoder and self.device.type == "cpu" and self.precision in ("fp32", "bf16", "mixed")
                     and not self.compiled and openvino_available()):
                 try:
                     self._encoder = OpenVinoEncoder(self.model.image_encoder, self.name, self.input_size,
@@ -378,19 +459,34 @@ class SamBackend:
                     self.runtime = "openvino"
                 except Exception as exc:  # any failure of the optional fast path leaves the plain one
                     log.warning("OpenVINO could not take the %s encoder (%s); PyTorch runs it", self.name, exc)
+                    if self.precision == "mixed" and (precision or os.environ.get(PRECISION_ENV) or "auto").lower() == "auto":
+                        self.precision, self.autocast_dtype, self._split = "fp32", None, None  # 'auto' chose it for OpenVINO
         if self.runtime == "onnxruntime":
             if self.device.type != "cpu" or self.precision != "fp32" or self.compiled:
                 raise UserInputError("The onnxruntime encoder runs on CPU in fp32 without torch.compile; "
                                      "choose device cpu and precision fp32, or the torch runtime.")
             self._encoder = OnnxEncoder(self.model.image_encoder, self.name, self.input_size)
         elif self.runtime == "openvino":
-            if self.device.type != "cpu" or self.precision not in ("fp32", "bf16") or self.compiled:
-                raise UserInputError("The openvino encoder runs on CPU in fp32 or bf16 without torch.compile; "
-                                     "choose device cpu and precision fp32 or bf16, or the torch runtime.")
+            if self.device.type != "cpu" or self.precision not in ("fp32", "bf16", "mixed") or self.compiled:
+                raise UserInputError("The openvino encoder runs on CPU in fp32, bf16 or mixed without torch.compile; "
+                                     "choose device cpu and one of those precisions, or the torch runtime.")
             self._encoder = OpenVinoEncoder(self.model.image_encoder, self.name, self.input_size, self.precision)
         self.decoder_runtime = self._resolve_decoder_runtime(decoder_runtime)
         self._onnx_decoder: Optional[OnnxDecoder] = None
         self._sparse_embedding: Optional[SparsePromptEmbedding] = None
+
+    def _openvino_will_run(self) -> bool:
+        """True when OpenVINO is to run this encoder on CPU (asked for, or chosen by runtime 'auto'), so that
+        precision 'auto' may pick 'mixed' (in PyTorch 'mixed' is no faster than float32 on CPU)."""
+        if self.device.type != "cpu" or self.compiled or self.runtime not in ("auto", "openvino"):
+            return False
+        if self.runtime == "auto" and not self.auto_export_encoder:
+            return False
+        try:
+            split_encoder(self.model.image_encoder)
+        except UserInputError:
+            return False
+        return openvino_available()
 
     def _resolve_decoder_runtime(self, runtime: Optional[str]) -> str:
         name = (runtime or os.environ.get(DECODER_RUNTIME_ENV) or "auto").lower()
@@ -445,8 +541,15 @@ class SamBackend:
         x = self._normalise(self._to_device(frames))
         if self.channels_last and self.runtime == "torch":
             x = x.contiguous(memory_format=torch.channels_last)
+        if self.runtime != "torch":  # OpenVINO / ONNX Runtime run their own precision
+            return self._encoder(x)
+        if self._split is not None:  # 'mixed': the stem in float32, the rest under bfloat16 autocast
+            stem, rest = self._split
+            x = stem(x)
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                return rest(x)
         encoder = self._encoder or self.model.image_encoder
-        if self.autocast_dtype is not None and self.runtime == "torch":  # the others run their own precision
+        if self.autocast_dtype is not None:
             with torch.autocast(self.device.type, dtype=self.autocast_dtype):
                 return encoder(x)
         return encoder(x)
