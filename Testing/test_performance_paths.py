@@ -321,6 +321,33 @@ def test_split_encoder_of_a_vit_and_of_other_encoders():
         TinySamBackend(precision="mixed")
 
 
+def test_auto_precision_picks_mixed_for_openvino_and_falls_back_to_fp32_without_it(monkeypatch):
+    """Precision unset on a CPU with bfloat16: 'mixed' when OpenVINO takes the encoder; when OpenVINO fails
+    to, PyTorch runs it in float32 (mixed is no faster there), unless 'mixed' was asked for by name."""
+    import FewShotSAMLib.sam.base as base
+
+    class AutoExport(TinyVitBackend):
+        auto_export_encoder = True
+
+    monkeypatch.delenv("FEWSHOTSAM_PRECISION", raising=False)
+    monkeypatch.delenv("FEWSHOTSAM_RUNTIME", raising=False)
+    monkeypatch.setattr(base, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(base, "openvino_available", lambda: True)
+
+    class Failing:
+        def __init__(self, *args, **kwargs) -> None:
+            raise RuntimeError("no OpenVINO here")
+
+    monkeypatch.setattr(base, "OpenVinoEncoder", Failing)
+    fallback = AutoExport()
+    assert fallback.runtime == "torch" and fallback.precision == "fp32" and fallback.autocast_dtype is None
+    asked = AutoExport(precision="mixed")
+    assert asked.runtime == "torch" and asked.precision == "mixed"
+    assert TinyVitBackend().precision == "fp32"  # a family that OpenVINO does not take by default
+    monkeypatch.setattr(base, "OpenVinoEncoder", lambda *args, **kwargs: object())
+    assert AutoExport().precision == "mixed" and AutoExport().runtime == "openvino"
+
+
 def test_litemedsam_openvino_is_the_cpu_default_and_reduced_precisions_stay_close(litemedsam, monkeypatch):
     """On CPU the embedded LiteMedSAM encodes with OpenVINO, in 'mixed' precision where the CPU has native
     bfloat16 and in float32 elsewhere; OpenVINO float32 gives the plain path's values; 'mixed' and
