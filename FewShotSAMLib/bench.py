@@ -91,11 +91,13 @@ DEFAULT_VARIANTS = "fp32-fused-b4,fp32-fused-ort-b4,fp32-fused-ov-b4,bf16-fused-
 def library_default_variant() -> str:
     """The encoder variant the library itself runs on this CPU: OpenVINO in 'mixed' precision where the CPU
     has native bfloat16, else in float32; PyTorch with BN folding when openvino is not installed."""
-    from .sam.base import cpu_has_fast_bf16, openvino_available
+    import torch
+
+    from .sam.base import openvino_available, resolve_precision
 
     if not openvino_available():
         return "fp32-fused-b4"
-    return f"{'mixed' if cpu_has_fast_bf16() else 'fp32'}-fused-ov-b4"
+    return f"{resolve_precision('auto', torch.device('cpu'), mixed_is_fast=True)}-fused-ov-b4"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -89,13 +89,22 @@ def export_encoder_onnx(encoder: torch.nn.Module, name: str, input_size: int, *,
     return path
 
 
+def _encoder_structure(encoder: torch.nn.Module) -> Optional[str]:
+    """'tinyvit' (LiteMedSAM, MobileSAM), 'vit' (SAM ViT-B/L/H) or None for an encoder of another structure."""
+    if all(hasattr(encoder, a) for a in ("patch_embed", "layers", "neck")):
+        return "tinyvit"
+    if all(hasattr(encoder, a) for a in ("patch_embed", "blocks", "neck", "pos_embed")):
+        return "vit"
+    return None
+
+
 class _EncoderPart(torch.nn.Module):
     """A part of a TinyViT or ViT image encoder, sharing its modules."""
 
-    def __init__(self, encoder: torch.nn.Module) -> None:
+    def __init__(self, encoder: torch.nn.Module, structure: str) -> None:
         super().__init__()
         self.encoder = encoder
-        self.tinyvit = hasattr(encoder, "layers")
+        self.tinyvit = structure == "tinyvit"
 
 
 class _EncoderStem(_EncoderPart):
@@ -130,12 +139,11 @@ class _EncoderRest(_EncoderPart):
 def split_encoder(encoder: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(stem, rest) of a TinyViT or SAM ViT image encoder, sharing its weights; ``rest(stem(x))`` equals
     ``encoder(x)``. A UserInputError for an encoder of another structure."""
-    tinyvit = all(hasattr(encoder, a) for a in ("patch_embed", "layers", "neck"))
-    vit = all(hasattr(encoder, a) for a in ("patch_embed", "blocks", "neck", "pos_embed"))
-    if not (tinyvit or vit):
+    structure = _encoder_structure(encoder)
+    if structure is None:
         raise UserInputError(f"Precision 'mixed' needs a TinyViT or ViT image encoder, not {type(encoder).__name__}; "
                              "use precision fp32 or bf16.")
-    return _EncoderStem(encoder), _EncoderRest(encoder)
+    return _EncoderStem(encoder, structure), _EncoderRest(encoder, structure)
 
 
 class OnnxEncoder:
@@ -344,6 +352,11 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
+def _requested_precision(precision: Optional[str]) -> str:
+    """The precision asked for: the argument, else FEWSHOTSAM_PRECISION, else 'auto' (lower case)."""
+    return (precision or os.environ.get(PRECISION_ENV) or "auto").lower()
+
+
 def resolve_precision(precision: Optional[str], device: torch.device, mixed_is_fast: bool = False) -> str:
     """The encoder's arithmetic: 'fp32' (plain), 'bf16' (CPU or CUDA autocast), 'mixed' (the encoder's
     stem in float32, the rest in bfloat16, see :func:`split_encoder`) or 'fp16' (CUDA autocast).
@@ -353,7 +366,7 @@ def resolve_precision(precision: Optional[str], device: torch.device, mixed_is_f
     OpenVINO, where 'mixed' is about 1.4x faster than float32 at the same accuracy, docs/PERFORMANCE.md),
     else 'fp32'.
     """
-    name = (precision or os.environ.get(PRECISION_ENV) or "auto").lower()
+    name = _requested_precision(precision)
     if name == "auto":
         name = "fp16" if device.type == "cuda" else ("mixed" if mixed_is_fast and cpu_has_fast_bf16() else "fp32")
     if name not in PRECISIONS:
@@ -435,8 +448,6 @@ class SamBackend:
         if self.runtime not in ENCODER_RUNTIMES + ("auto",):
             raise UserInputError(f"Unknown encoder runtime '{self.runtime}'; use auto, {', '.join(ENCODER_RUNTIMES)}.")
         self.precision = resolve_precision(precision, self.device, self._openvino_will_run())
-        self.autocast_dtype: Optional[torch.dtype] = {"fp32": None, "bf16": torch.bfloat16, "mixed": torch.bfloat16,
-                                                      "fp16": torch.float16}[self.precision]
         self.fused = fuse_conv_bn(self.model.image_encoder) if fuse and hasattr(self.model, "image_encoder") else 0
         if channels_last is None:
             channels_last = os.environ.get(CHANNELS_LAST_ENV, "0").strip().lower() in ("1", "true", "yes")
@@ -444,11 +455,6 @@ class SamBackend:
         if self.channels_last:
             self.model.image_encoder.to(memory_format=torch.channels_last)
         self._encoder = torch.compile(self.model.image_encoder, dynamic=False) if self.compiled else None
-        self._split: Optional[tuple[torch.nn.Module, torch.nn.Module]] = None  # precision 'mixed' in PyTorch
-        if self.precision == "mixed":
-            self._split = split_encoder(self.model.image_encoder)
-            if self.compiled:
-                self._split = tuple(torch.compile(part, dynamic=False) for part in self._split)
         if self.runtime == "auto":
             self.runtime = "torch"
             if (self.auto_export_encoder and self.device.type == "cpu" and self.precision in ("fp32", "bf16", "mixed")
@@ -459,8 +465,8 @@ class SamBackend:
                     self.runtime = "openvino"
                 except Exception as exc:  # any failure of the optional fast path leaves the plain one
                     log.warning("OpenVINO could not take the %s encoder (%s); PyTorch runs it", self.name, exc)
-                    if self.precision == "mixed" and (precision or os.environ.get(PRECISION_ENV) or "auto").lower() == "auto":
-                        self.precision, self.autocast_dtype, self._split = "fp32", None, None  # 'auto' chose it for OpenVINO
+                    if self.precision == "mixed" and _requested_precision(precision) == "auto":
+                        self.precision = "fp32"  # 'auto' chose mixed for OpenVINO; in PyTorch it is no faster
         if self.runtime == "onnxruntime":
             if self.device.type != "cpu" or self.precision != "fp32" or self.compiled:
                 raise UserInputError("The onnxruntime encoder runs on CPU in fp32 without torch.compile; "
@@ -471,6 +477,11 @@ class SamBackend:
                 raise UserInputError("The openvino encoder runs on CPU in fp32, bf16 or mixed without torch.compile; "
                                      "choose device cpu and one of those precisions, or the torch runtime.")
             self._encoder = OpenVinoEncoder(self.model.image_encoder, self.name, self.input_size, self.precision)
+        self._split: Optional[tuple[torch.nn.Module, torch.nn.Module]] = None  # precision 'mixed' in PyTorch
+        if self.runtime == "torch" and self.precision == "mixed":
+            self._split = split_encoder(self.model.image_encoder)
+            if self.compiled:
+                self._split = tuple(torch.compile(part, dynamic=False) for part in self._split)
         self.decoder_runtime = self._resolve_decoder_runtime(decoder_runtime)
         self._onnx_decoder: Optional[OnnxDecoder] = None
         self._sparse_embedding: Optional[SparsePromptEmbedding] = None
@@ -482,11 +493,12 @@ class SamBackend:
             return False
         if self.runtime == "auto" and not self.auto_export_encoder:
             return False
-        try:
-            split_encoder(self.model.image_encoder)
-        except UserInputError:
-            return False
-        return openvino_available()
+        return _encoder_structure(self.model.image_encoder) is not None and openvino_available()
+
+    @property
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        """The dtype PyTorch's autocast runs the encoder (for 'mixed': its rest) in; None for float32."""
+        return {"fp32": None, "bf16": torch.bfloat16, "mixed": torch.bfloat16, "fp16": torch.float16}[self.precision]
 
     def _resolve_decoder_runtime(self, runtime: Optional[str]) -> str:
         name = (runtime or os.environ.get(DECODER_RUNTIME_ENV) or "auto").lower()
@@ -539,10 +551,10 @@ class SamBackend:
     def _run_encoder(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
         """The encoder's raw output (B, C, h, w) on the device, in the autocast dtype when there is one."""
         x = self._normalise(self._to_device(frames))
-        if self.channels_last and self.runtime == "torch":
-            x = x.contiguous(memory_format=torch.channels_last)
-        if self.runtime != "torch":  # OpenVINO / ONNX Runtime run their own precision
+        if self.runtime != "torch":  # OpenVINO / ONNX Runtime run their own precision and layout
             return self._encoder(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         if self._split is not None:  # 'mixed': the stem in float32, the rest under bfloat16 autocast
             stem, rest = self._split
             x = stem(x)
