@@ -356,14 +356,15 @@ def bench_rerun(session, repeats: int = 20) -> dict:
         parts["cache_get"].append(t1 - t0)
         parts["decode"].append(t2 - t1)
         parts["to_native"].append(t3 - t2)
-    # The same re-run with each decoder runtime the machine has, interleaved (ONNX Runtime is the CPU
-    # default when installed; PyTorch is the fallback).
-    from .sam.base import onnxruntime_available
+    # The same re-run with each decoder runtime the machine has, interleaved (OpenVINO in bfloat16 beside a
+    # reduced-precision encoder on a CPU with bfloat16, else ONNX Runtime, is the CPU default; PyTorch is
+    # the fallback).
+    from .sam.base import onnxruntime_available, openvino_available
 
     backend = session.backend
     runtime = backend.decoder_runtime
-    on_cpu_with_ort = backend.device.type == "cpu" and onnxruntime_available()
-    by_runtime: dict = {r: [] for r in (("onnxruntime", "torch") if on_cpu_with_ort else ("torch",))}
+    available = {"openvino": openvino_available(), "onnxruntime": onnxruntime_available(), "torch": True}
+    by_runtime: dict = {r: [] for r, ok in available.items() if ok and (r == "torch" or backend.device.type == "cpu")}
     try:
         for _ in range(max(3, repeats // 2)):
             for r in by_runtime:
@@ -374,11 +375,15 @@ def bench_rerun(session, repeats: int = 20) -> dict:
     finally:
         backend.decoder_runtime = runtime
     out = {"rerun_ms": 1000 * _median(times), "rerun_slice": k, "decoder_runtime": runtime,
+           "decoder_precision": backend.decoder_precision,
            "rerun_parts_ms": {name: round(1000 * _median(v), 2) for name, v in parts.items()},
            "rerun_ms_by_decoder_runtime": {r: round(1000 * _median(v), 1) for r, v in by_runtime.items()}}
-    if len(by_runtime) > 1 and "torch" in by_runtime:
+    if "onnxruntime" in by_runtime:
         out["decoder_onnxruntime_speedup_vs_torch"] = round(_median(by_runtime["torch"]) /
                                                             _median(by_runtime["onnxruntime"]), 2)
+        if "openvino" in by_runtime:
+            out["decoder_openvino_speedup_vs_onnxruntime"] = round(_median(by_runtime["onnxruntime"]) /
+                                                                   _median(by_runtime["openvino"]), 2)
     return out
 
 

@@ -497,8 +497,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="FoB prompt mode (default: the one recorded with the weights for the backend)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--decoder-threads", type=int, default=0,
-                        help="threads of the ONNX Runtime mask decoder (0: as --threads); e.g. --threads 1 "
-                        "--decoder-threads 2 keeps the small per-slice torch work single-threaded")
+                        help="threads of the exported (ONNX Runtime or OpenVINO) mask decoder (0: as --threads); "
+                        "e.g. --threads 1 --decoder-threads 2 keeps the small per-slice torch work single-threaded")
     parser.add_argument("--json", required=True, help="output JSON with every per-volume Dice")
     parser.add_argument("--report", help="Markdown file whose marked table section is written/replaced")
     parser.add_argument("--plot", help="output PNG bar chart")

@@ -382,33 +382,127 @@ def test_bench_variant_names_round_trip():
         EncoderVariant.parse("fp32-tensorrt-b4")
 
 
-def test_onnxruntime_decoder_matches_torch(litemedsam, monkeypatch):
-    """The ONNX Runtime mask decoder (the CPU default when the package is there) gives the torch
-    decoder's logits and scores for every prompt kind, any number of points, and mask inputs."""
-    pytest.importorskip("onnxruntime")
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_exported_float32_decoders_match_torch(runtime, monkeypatch):
+    """The exported mask decoders in float32 (ONNX Runtime, OpenVINO) give the torch decoder's logits and
+    scores for every prompt kind, any number of points (a dynamic axis), and mask inputs."""
+    pytest.importorskip(runtime)
     pytest.importorskip("onnx")
     from FewShotSAMLib.sam.litemedsam import LiteMedSAMBackend
 
-    monkeypatch.delenv("FEWSHOTSAM_DECODER_RUNTIME", raising=False)
-    assert litemedsam.decoder_runtime == "onnxruntime"  # auto on CPU with onnxruntime installed
-    plain = LiteMedSAMBackend(device="cpu", decoder_runtime="torch")
-    assert plain.decoder_runtime == "torch"
+    plain = LiteMedSAMBackend(device="cpu", runtime="torch", precision="fp32", decoder_runtime="torch")
+    exported = LiteMedSAMBackend(device="cpu", runtime="torch", precision="fp32", decoder_runtime=runtime)
+    assert plain.decoder_runtime == "torch" and exported.decoder_runtime == runtime
+    assert exported.decoder_precision == "fp32"
     emb = torch.randn(256, 64, 64, generator=torch.Generator().manual_seed(3))
     box = [70.0, 60.0, 170.0, 150.0]
     cases = [Prompts(box=box), Prompts(fg_points=[[120, 100]], bg_points=[[40, 40], [220, 200], [30, 220]]),
              Prompts(fg_points=[[120, 100]], bg_points=[[40, 40]], box=box)]
     for prompts in cases:
         for multimask in (False, True):
-            a, b = plain.decode(emb, prompts, multimask), litemedsam.decode(emb, prompts, multimask)
+            a, b = plain.decode(emb, prompts, multimask), exported.decode(emb, prompts, multimask)
             np.testing.assert_allclose(b.logits, a.logits, atol=1e-3)
             assert abs(a.score - b.score) < 1e-4
     first = plain.decode(emb, cases[0])
     with_mask = Prompts(box=box, mask_input=first.low_res)
-    np.testing.assert_allclose(litemedsam.decode(emb, with_mask).logits, plain.decode(emb, with_mask).logits,
+    np.testing.assert_allclose(exported.decode(emb, with_mask).logits, plain.decode(emb, with_mask).logits,
                                atol=1e-3)
+    assert list(exported._exported_decoders) == [f"{runtime}-fp32"]  # built once, at the first decode
     monkeypatch.setenv("FEWSHOTSAM_DECODER_RUNTIME", "nonsense")
     with pytest.raises(UserInputError, match="decoder runtime"):
         TinySamBackend(precision="fp32")
+
+
+def _disc_frame(size: int = 256) -> np.ndarray:
+    """A bright disc with a darker ring around it on a dim background: an organ-like target."""
+    yy, xx = np.mgrid[:size, :size]
+    r = np.hypot(yy - 0.55 * size, xx - 0.45 * size)
+    return np.where(r < 0.18 * size, 0.8, np.where(r < 0.24 * size, 0.35, 0.2)).astype(np.float32)
+
+
+def test_litemedsam_bfloat16_decoder_stays_close_to_float32(litemedsam, monkeypatch):
+    """Beside a reduced-precision encoder on a CPU with bfloat16, the default decoder is OpenVINO in
+    bfloat16; on a real embedding its masks and scores stay within what CHAOS measured (a few pixels of a
+    mask, scores to about 0.01: docs/PERFORMANCE.md). Elsewhere the default stays ONNX Runtime in float32."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("onnxruntime")
+    from FewShotSAMLib.sam.litemedsam import LiteMedSAMBackend
+
+    monkeypatch.delenv("FEWSHOTSAM_DECODER_RUNTIME", raising=False)
+    if litemedsam.precision in ("bf16", "mixed") and cpu_has_fast_bf16():
+        assert (litemedsam.decoder_runtime, litemedsam.decoder_precision) == ("openvino", "bf16")
+    else:
+        assert (litemedsam.decoder_runtime, litemedsam.decoder_precision) == ("onnxruntime", "fp32")
+    assert LiteMedSAMBackend(device="cpu", precision="fp32", runtime="torch").decoder_runtime == "onnxruntime"
+    plain = LiteMedSAMBackend(device="cpu", runtime="torch", precision="fp32", decoder_runtime="torch")
+    bf16 = LiteMedSAMBackend(device="cpu", runtime="torch", precision="mixed", decoder_runtime="openvino")
+    assert bf16.decoder_precision == "bf16"
+    emb = plain.encode(_disc_frame())[0]
+    box = [80.0, 50.0, 205.0, 175.0]  # (row0, col0, row1, col1) around the disc
+    for prompts in (Prompts(box=box), Prompts(fg_points=[[140, 115]], bg_points=[[140, 190], [60, 60]], box=box)):
+        a, b = plain.decode(emb, prompts), bf16.decode(emb, prompts)
+        assert (a.mask).sum() > 2000  # the disc (about 6,700 px) or most of it: a real answer to compare
+        flipped = int((a.mask != b.mask).sum())
+        assert flipped <= 0.01 * a.mask.sum(), flipped
+        assert abs(a.score - b.score) < 0.03
+
+
+def test_auto_decoder_runtime_and_its_fallbacks(monkeypatch):
+    """'auto' picks OpenVINO in bfloat16 only beside a reduced-precision encoder on a CPU with bfloat16,
+    else ONNX Runtime; when the OpenVINO decoder cannot be built, 'auto' decodes with ONNX Runtime and an
+    explicitly asked OpenVINO decoder reports the error."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("onnxruntime")
+    import FewShotSAMLib.sam.base as base
+
+    monkeypatch.delenv("FEWSHOTSAM_DECODER_RUNTIME", raising=False)
+    monkeypatch.setattr(base, "cpu_has_fast_bf16", lambda: True)
+    assert TinyVitBackend(precision="mixed").decoder_runtime == "openvino"
+    assert TinyVitBackend(precision="bf16").decoder_precision == "bf16"
+    assert TinyVitBackend(precision="fp32").decoder_runtime == "onnxruntime"
+    asked = TinyVitBackend(precision="fp32", decoder_runtime="openvino")
+    assert (asked.decoder_runtime, asked.decoder_precision) == ("openvino", "fp32")
+    monkeypatch.setattr(base, "cpu_has_fast_bf16", lambda: False)
+    assert TinyVitBackend(precision="mixed").decoder_runtime == "onnxruntime"
+    with pytest.raises(UserInputError, match="runs on CPU"):  # any device but the CPU (no GPU here)
+        TinySamBackend(device=torch.device("meta"), precision="fp32", decoder_runtime="openvino")
+
+    class Failing:
+        def __init__(self, *args, **kwargs) -> None:
+            raise RuntimeError("no OpenVINO here")
+
+    monkeypatch.setattr(base, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(base, "OpenVinoDecoder", Failing)
+    emb = torch.randn(256, 64, 64, generator=torch.Generator().manual_seed(5))
+    auto = TinyVitBackend(precision="mixed")
+    res = auto.decode(emb, Prompts(box=[60.0, 60.0, 180.0, 180.0]))
+    assert auto.decoder_runtime == "onnxruntime" and res.logits.shape == (256, 256)
+    with pytest.raises(RuntimeError, match="no OpenVINO"):
+        TinyVitBackend(precision="mixed", decoder_runtime="openvino").decode(emb, Prompts(box=[60, 60, 180, 180]))
+
+
+def test_openvino_bf16_decoder_reruns_non_finite_answers_in_fp32(monkeypatch):
+    """A bfloat16 decode with a NaN is answered by the float32 decoder, not returned."""
+    pytest.importorskip("openvino")
+    emb = torch.randn(256, 64, 64, generator=torch.Generator().manual_seed(6))
+    prompts = Prompts(fg_points=[[100, 90]], box=[50.0, 40.0, 170.0, 160.0])
+    ref = TinyVitBackend(precision="fp32", decoder_runtime="openvino").decode(emb, prompts)
+    backend = TinyVitBackend(precision="bf16", decoder_runtime="openvino")
+    backend.decode(emb, prompts)  # builds the decoder
+    runner = backend._exported_decoders["openvino-bf16"]
+    real = runner._request
+
+    class Overflowing:  # OpenVINO's bfloat16 request, its next answer spoilt
+        def infer(self, inputs):
+            out = real.infer(inputs)
+            masks = np.array(out[0])
+            masks[0, 0, 0, 0] = np.nan
+            return [masks, np.array(out[1])]
+
+    runner._request = Overflowing()
+    got = backend.decode(emb, prompts)
+    assert runner.fallbacks == 1 and np.isfinite(got.logits).all()
+    np.testing.assert_allclose(got.logits, ref.logits, atol=1e-3)
 
 
 # ---- precision: settings, cache folders ----------------------------------------------------------

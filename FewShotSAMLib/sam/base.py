@@ -41,12 +41,13 @@ PRECISION_ENV = "FEWSHOTSAM_PRECISION"  # fp32 | bf16 | fp16 | mixed | auto: the
 COMPILE_ENV = "FEWSHOTSAM_COMPILE"  # 1 to torch.compile the encoder when not given
 CHANNELS_LAST_ENV = "FEWSHOTSAM_CHANNELS_LAST"  # 1 for channels-last encoder convolutions when not given
 RUNTIME_ENV = "FEWSHOTSAM_RUNTIME"  # auto | torch | onnxruntime | openvino: what runs the encoder when not given
-DECODER_RUNTIME_ENV = "FEWSHOTSAM_DECODER_RUNTIME"  # auto | torch | onnxruntime: what runs the mask decoder
-DECODER_THREADS_ENV = "FEWSHOTSAM_DECODER_THREADS"  # threads of the ONNX Runtime decoder (default: torch's)
+DECODER_RUNTIME_ENV = "FEWSHOTSAM_DECODER_RUNTIME"  # auto | torch | onnxruntime | openvino: what runs the mask decoder
+DECODER_THREADS_ENV = "FEWSHOTSAM_DECODER_THREADS"  # threads of the exported decoder (default: torch's)
 ONNX_DIR_ENV = "FEWSHOTSAM_ONNX_DIR"  # where exported encoders are kept (default ~/.cache/fewshotsam/onnx)
 
 
 ENCODER_RUNTIMES = ("torch", "onnxruntime", "openvino")
+DECODER_RUNTIMES = ENCODER_RUNTIMES
 
 
 def _onnx_dir() -> "os.PathLike":
@@ -167,6 +168,16 @@ class OnnxEncoder:
                                                 for i in range(len(x))]))
 
 
+def _openvino_request(core, model, precision: str, threads: int, cache_dir: Optional[str] = None):
+    """An inference request of ``model`` (a path or an OpenVINO model) compiled for the CPU with the latency
+    hint, ``threads`` threads and inference precision 'fp32' or 'bf16' (kept in ``cache_dir`` if given)."""
+    config = {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision],
+              "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+    if cache_dir:
+        config["CACHE_DIR"] = cache_dir
+    return core.compile_model(model, "CPU", config).create_infer_request()
+
+
 class OpenVinoEncoder:
     """The exported image encoder compiled by OpenVINO for the CPU, one slice per run, in float32,
     bfloat16 (OpenVINO's inference precision: bfloat16 matrix products where the CPU has them, float32
@@ -199,10 +210,8 @@ class OpenVinoEncoder:
         self.fallbacks = 0  # slices encoded again in float32
 
     def _compile(self, path: "os.PathLike", precision: str):
-        config = {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision],
-                  "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-                  "CACHE_DIR": str(_onnx_dir() / "openvino-cache")}
-        return self._core.compile_model(str(path), "CPU", config).create_infer_request()
+        return _openvino_request(self._core, str(path), precision, torch.get_num_threads(),
+                                 cache_dir=str(_onnx_dir() / "openvino-cache"))
 
     def _one(self, x: np.ndarray) -> np.ndarray:
         for stage in self.stages[:-1]:  # x becomes the last stage's input (the float32 stem's output)
@@ -294,33 +303,34 @@ class _AllMasks(torch.nn.Module):
         return masks, iou
 
 
-class OnnxDecoder:
-    """The mask decoder exported to ONNX in memory (about a second, once per backend) and run by ONNX
-    Runtime on CPU in float32; the number of prompt tokens is a dynamic axis. Called like the decoder's
-    ``predict_masks``; returns (masks (1, M, h, w), iou (1, M)) as torch tensors."""
+def export_decoder_onnx(decoder: torch.nn.Module, embedding: torch.Tensor, pe: torch.Tensor, sparse: torch.Tensor,
+                        dense: torch.Tensor) -> bytes:
+    """The mask decoder (as :class:`_AllMasks`) exported to ONNX in memory (about a second), the number of
+    prompt tokens a dynamic axis; the inputs are an example decode's."""
+    import io
+    import warnings
 
-    def __init__(self, decoder: torch.nn.Module, embedding: torch.Tensor, pe: torch.Tensor, sparse: torch.Tensor,
-                 dense: torch.Tensor) -> None:
-        import io
-        import warnings
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on shape checks that are constant here
+        torch.onnx.export(_AllMasks(decoder).eval(), (embedding, pe, sparse, dense.contiguous()), buffer,
+                          input_names=["emb", "pe", "sparse", "dense"], output_names=["masks", "iou"],
+                          dynamic_axes={"sparse": {1: "tokens"}}, opset_version=17, dynamo=False)
+    return buffer.getvalue()
 
-        import onnxruntime as ort
 
-        buffer = io.BytesIO()
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the tracer's notes on shape checks that are constant here
-            torch.onnx.export(_AllMasks(decoder).eval(), (embedding, pe, sparse, dense), buffer,
-                              input_names=["emb", "pe", "sparse", "dense"], output_names=["masks", "iou"],
-                              dynamic_axes={"sparse": {1: "tokens"}}, opset_version=17, dynamo=False)
-        options = ort.SessionOptions()
-        # its own thread pool: FEWSHOTSAM_DECODER_THREADS, else torch's thread count, so that a caller who
-        # keeps torch to one thread (small numpy/torch work between decodes) still decodes on every core
-        options.intra_op_num_threads = int(os.environ.get(DECODER_THREADS_ENV) or torch.get_num_threads())
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # its worker threads sleep when a decode ends instead of spinning on the cores that the encoder,
-        # the generators and (in Slicer) the application need next (docs/PERFORMANCE.md, fifth session)
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+def decoder_threads() -> int:
+    """Threads of an exported decoder's runtime: FEWSHOTSAM_DECODER_THREADS, else torch's thread count, so
+    that a caller who keeps torch to one thread (small numpy/torch work between decodes) still decodes on
+    every core."""
+    return int(os.environ.get(DECODER_THREADS_ENV) or torch.get_num_threads())
+
+
+class _ExportedDecoder:
+    """Common part of the exported decoders: called like the decoder's ``predict_masks`` with CPU tensors;
+    returns (masks (1, M, h, w), iou (1, M)) as torch tensors."""
+
+    def __init__(self) -> None:
         self._no_mask: Optional[tuple] = None
 
     @staticmethod
@@ -338,10 +348,69 @@ class OnnxDecoder:
             self._no_mask = (key, self._numpy(dense))
         return self._no_mask[1]
 
+    def _feed(self, emb: torch.Tensor, pe: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor) -> dict:
+        return {"emb": self._numpy(emb), "pe": self._numpy(pe), "sparse": self._numpy(sparse),
+                "dense": self._dense(dense)}
+
+
+class OnnxDecoder(_ExportedDecoder):
+    """The mask decoder exported to ONNX in memory (about a second, once per backend) and run by ONNX
+    Runtime on CPU in float32; the number of prompt tokens is a dynamic axis."""
+
+    def __init__(self, decoder: torch.nn.Module, embedding: torch.Tensor, pe: torch.Tensor, sparse: torch.Tensor,
+                 dense: torch.Tensor) -> None:
+        import onnxruntime as ort
+
+        super().__init__()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = decoder_threads()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # its worker threads sleep when a decode ends instead of spinning on the cores that the encoder,
+        # the generators and (in Slicer) the application need next (docs/PERFORMANCE.md, fifth session)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(export_decoder_onnx(decoder, embedding, pe, sparse, dense), options,
+                                            providers=["CPUExecutionProvider"])
+
     def __call__(self, emb: torch.Tensor, pe: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor):
-        masks, iou = self.session.run(None, {"emb": self._numpy(emb), "pe": self._numpy(pe),
-                                             "sparse": self._numpy(sparse), "dense": self._dense(dense)})
+        masks, iou = self.session.run(None, self._feed(emb, pe, sparse, dense))
         return torch.from_numpy(masks), torch.from_numpy(iou)
+
+
+class OpenVinoDecoder(_ExportedDecoder):
+    """The mask decoder exported to ONNX in memory and compiled by OpenVINO for the CPU (about 0.2 s, once
+    per backend) in float32 or bfloat16 (OpenVINO's inference precision: bfloat16 matrix products where the
+    CPU has them); the number of prompt tokens stays dynamic. A decode whose bfloat16 answer is not finite
+    is run again in float32 (compiled when first needed)."""
+
+    def __init__(self, decoder: torch.nn.Module, embedding: torch.Tensor, pe: torch.Tensor, sparse: torch.Tensor,
+                 dense: torch.Tensor, precision: str = "bf16") -> None:
+        import openvino as ov
+
+        super().__init__()
+        if precision not in ("fp32", "bf16"):
+            raise UserInputError(f"The openvino decoder runs in fp32 or bf16, not '{precision}'.")
+        self.precision = precision
+        self._core = ov.Core()
+        self._model = self._core.read_model(export_decoder_onnx(decoder, embedding, pe, sparse, dense))
+        self._request = self._compile(precision)
+        self._fp32_request = self._request if precision == "fp32" else None
+        self.fallbacks = 0  # decodes run again in float32
+
+    def _compile(self, precision: str):
+        return _openvino_request(self._core, self._model, precision, decoder_threads())
+
+    def __call__(self, emb: torch.Tensor, pe: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor):
+        feed = self._feed(emb, pe, sparse, dense)
+        out = self._request.infer(feed)
+        masks, iou = out[0], out[1]
+        if self._request is not self._fp32_request and not (np.isfinite(masks).all() and np.isfinite(iou).all()):
+            if self._fp32_request is None:
+                log.warning("the bfloat16 decoder gave a non-finite mask; such decodes are run in float32")
+                self._fp32_request = self._compile("fp32")
+            self.fallbacks += 1
+            out = self._fp32_request.infer(feed)
+            masks, iou = out[0], out[1]
+        return torch.from_numpy(masks.copy()), torch.from_numpy(iou.copy())
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -424,9 +493,12 @@ class SamBackend:
     bf16) run the encoder exported to ONNX; 'auto' = OpenVINO on CPU for families whose encoder exports
     quickly (``auto_export_encoder``, LiteMedSAM) when the package is installed, else PyTorch, and PyTorch
     when the export or compilation fails.
-    The decoder runs in float32: ``decoder_runtime`` 'auto' (None reads FEWSHOTSAM_DECODER_RUNTIME; auto =
-    ONNX Runtime on CPU when the package is installed, about 2x faster here (docs/PERFORMANCE.md), else
-    PyTorch) | 'torch' | 'onnxruntime'.
+    ``decoder_runtime`` (None reads FEWSHOTSAM_DECODER_RUNTIME, unset = 'auto'): 'torch'; 'onnxruntime'
+    (CPU, float32); 'openvino' (CPU, bfloat16 when the encoder's precision is 'bf16' or 'mixed', else
+    float32); 'auto' = OpenVINO in bfloat16 where the encoder runs in reduced precision on a CPU with native
+    bfloat16, else ONNX Runtime on CPU (float32), else PyTorch; an automatically chosen exported decoder that
+    fails to build leaves the next one (docs/PERFORMANCE.md). ``decoder_precision`` says which arithmetic
+    the decoder runs in.
     """
 
     name: str = "sam"
@@ -482,8 +554,9 @@ class SamBackend:
             self._split = split_encoder(self.model.image_encoder)
             if self.compiled:
                 self._split = tuple(torch.compile(part, dynamic=False) for part in self._split)
-        self.decoder_runtime = self._resolve_decoder_runtime(decoder_runtime)
-        self._onnx_decoder: Optional[OnnxDecoder] = None
+        self._decoder_runtime_asked = (decoder_runtime or os.environ.get(DECODER_RUNTIME_ENV) or "auto").lower()
+        self.decoder_runtime = self._resolve_decoder_runtime(self._decoder_runtime_asked)
+        self._exported_decoders: dict[str, _ExportedDecoder] = {}
         self._sparse_embedding: Optional[SparsePromptEmbedding] = None
 
     def _openvino_will_run(self) -> bool:
@@ -500,19 +573,28 @@ class SamBackend:
         """The dtype PyTorch's autocast runs the encoder (for 'mixed': its rest) in; None for float32."""
         return {"fp32": None, "bf16": torch.bfloat16, "mixed": torch.bfloat16, "fp16": torch.float16}[self.precision]
 
-    def _resolve_decoder_runtime(self, runtime: Optional[str]) -> str:
-        name = (runtime or os.environ.get(DECODER_RUNTIME_ENV) or "auto").lower()
-        if name not in ("auto", "torch", "onnxruntime"):
-            raise UserInputError(f"Unknown decoder runtime '{name}'; use auto, torch or onnxruntime.")
+    def _resolve_decoder_runtime(self, name: str) -> str:
+        if name not in ("auto",) + DECODER_RUNTIMES:
+            raise UserInputError(f"Unknown decoder runtime '{name}'; use auto, {', '.join(DECODER_RUNTIMES)}.")
         if name == "auto":
-            return "onnxruntime" if self.device.type == "cpu" and onnxruntime_available() else "torch"
-        if name == "onnxruntime":
             if self.device.type != "cpu":
-                raise UserInputError("The onnxruntime decoder runs on CPU; choose device cpu or the torch decoder.")
-            if not onnxruntime_available():
-                raise UserInputError("The onnxruntime decoder needs the onnxruntime and onnx packages: "
-                                     "pip install onnxruntime onnx, or use the torch decoder.")
+                return "torch"
+            if self.precision in ("bf16", "mixed") and cpu_has_fast_bf16() and openvino_available():
+                return "openvino"
+            return "onnxruntime" if onnxruntime_available() else "torch"
+        if name != "torch":
+            if self.device.type != "cpu":
+                raise UserInputError(f"The {name} decoder runs on CPU; choose device cpu or the torch decoder.")
+            if not (onnxruntime_available() if name == "onnxruntime" else openvino_available()):
+                raise UserInputError(f"The {name} decoder needs the {name} and onnx packages: "
+                                     f"pip install {name} onnx, or use the torch decoder.")
         return name
+
+    @property
+    def decoder_precision(self) -> str:
+        """The decoder's arithmetic: 'bf16' for the OpenVINO decoder beside a reduced-precision encoder,
+        else 'fp32' (the PyTorch decoder is never autocast)."""
+        return "bf16" if self.decoder_runtime == "openvino" and self.precision in ("bf16", "mixed") else "fp32"
 
     @property
     def cache_name(self) -> str:
@@ -529,7 +611,8 @@ class SamBackend:
                 f"{', BN folded' if self.fused else ''}{', channels-last' if self.channels_last else ''}"
                 f"{', compiled' if self.compiled else ''}"
                 f"{', ONNX Runtime' if self.runtime == 'onnxruntime' else ''}"
-                f"{', OpenVINO' if self.runtime == 'openvino' else ''}, decoder {self.decoder_runtime}, "
+                f"{', OpenVINO' if self.runtime == 'openvino' else ''}, decoder {self.decoder_runtime} "
+                f"{self.decoder_precision}, "
                 f"{torch.get_num_threads()} threads")
 
     # ---- encoding -------------------------------------------------------------------------------
@@ -633,11 +716,29 @@ class SamBackend:
         return emb
 
     def _predict_masks(self, emb: torch.Tensor, pe: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor):
-        """Every mask token's low-res mask and score, from PyTorch or ONNX Runtime (``decoder_runtime``)."""
-        if self.decoder_runtime == "onnxruntime":
-            if self._onnx_decoder is None:
-                self._onnx_decoder = OnnxDecoder(self.model.mask_decoder, emb, pe, sparse, dense)
-            return self._onnx_decoder(emb, pe, sparse, dense)
+        """Every mask token's low-res mask and score, from PyTorch, ONNX Runtime or OpenVINO
+        (``decoder_runtime``; the exported decoders are built at the first decode, from its inputs)."""
+        while self.decoder_runtime != "torch":
+            key = f"{self.decoder_runtime}-{self.decoder_precision}"
+            runner = self._exported_decoders.get(key)
+            if runner is None:
+                try:
+                    if self.decoder_runtime == "openvino":
+                        runner = OpenVinoDecoder(self.model.mask_decoder, emb, pe, sparse, dense,
+                                                 self.decoder_precision)
+                    else:
+                        runner = OnnxDecoder(self.model.mask_decoder, emb, pe, sparse, dense)
+                except Exception as exc:  # an automatically chosen fast path that fails leaves the next one
+                    if self._decoder_runtime_asked != "auto":
+                        raise
+                    ort_next = self.decoder_runtime == "openvino" and onnxruntime_available()
+                    fallback = "onnxruntime" if ort_next else "torch"
+                    log.warning("the %s decoder could not be built (%s); %s runs it", self.decoder_runtime, exc,
+                                fallback)
+                    self.decoder_runtime = fallback
+                    continue
+                self._exported_decoders[key] = runner
+            return runner(emb, pe, sparse, dense)
         return self.model.mask_decoder.predict_masks(image_embeddings=emb, image_pe=pe,
                                                      sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense)
 
