@@ -441,7 +441,7 @@ def test_litemedsam_bfloat16_decoder_stays_close_to_float32(litemedsam, monkeypa
     box = [80.0, 50.0, 205.0, 175.0]  # (row0, col0, row1, col1) around the disc
     for prompts in (Prompts(box=box), Prompts(fg_points=[[140, 115]], bg_points=[[140, 190], [60, 60]], box=box)):
         a, b = plain.decode(emb, prompts), bf16.decode(emb, prompts)
-        assert (a.mask).sum() > 2000  # the disc (about 6,700 px) or most of it: a real answer to compare
+        assert a.mask.sum() > 2000  # the disc (about 6,700 px) or most of it: a real answer to compare
         flipped = int((a.mask != b.mask).sum())
         assert flipped <= 0.01 * a.mask.sum(), flipped
         assert abs(a.score - b.score) < 0.03
