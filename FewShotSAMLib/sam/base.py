@@ -178,6 +178,24 @@ def _openvino_request(core, model, precision: str, threads: int, cache_dir: Opti
     return core.compile_model(model, "CPU", config).create_infer_request()
 
 
+class _Float32Rerun:
+    """The float32 request that answers again where a reduced-precision OpenVINO request gave non-finite
+    values (``what`` names the model in the warning); compiled by ``compile_fp32()`` at the first need."""
+
+    def __init__(self, compile_fp32: Callable[[], object], what: str) -> None:
+        self._compile = compile_fp32
+        self._request = None
+        self.what = what
+        self.count = 0  # answers replaced so far
+
+    def infer(self, inputs: dict):
+        if self._request is None:
+            log.warning("the %s gave non-finite values; such inputs are run again in float32", self.what)
+            self._request = self._compile()
+        self.count += 1
+        return self._request.infer(inputs)
+
+
 class OpenVinoEncoder:
     """The exported image encoder compiled by OpenVINO for the CPU, one slice per run, in float32,
     bfloat16 (OpenVINO's inference precision: bfloat16 matrix products where the CPU has them, float32
@@ -206,8 +224,12 @@ class OpenVinoEncoder:
         else:
             self.path = self.rest_path = export_encoder_onnx(encoder, name, input_size)
             self.stages = [self._compile(self.path, precision)]
-        self._fp32_request = None  # the float32 last stage for non-finite answers, compiled when needed
-        self.fallbacks = 0  # slices encoded again in float32
+        self._fp32 = _Float32Rerun(lambda: self._compile(self.rest_path, "fp32"), f"{precision} encoder")
+
+    @property
+    def fallbacks(self) -> int:
+        """Slices encoded again in float32."""
+        return self._fp32.count
 
     def _compile(self, path: "os.PathLike", precision: str):
         return _openvino_request(self._core, str(path), precision, torch.get_num_threads(),
@@ -218,12 +240,7 @@ class OpenVinoEncoder:
             x = stage.infer({0: x})[0].copy()
         y = self.stages[-1].infer({0: x})[0].copy()
         if self.precision != "fp32" and not np.isfinite(y).all():
-            if self._fp32_request is None:
-                log.warning("the %s encoder gave a non-finite embedding; such slices are encoded in float32",
-                            self.precision)
-                self._fp32_request = self._compile(self.rest_path, "fp32")
-            self.fallbacks += 1
-            y = self._fp32_request.infer({0: x})[0].copy()
+            y = self._fp32.infer({0: x})[0].copy()
         return y
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -393,8 +410,12 @@ class OpenVinoDecoder(_ExportedDecoder):
         self._core = ov.Core()
         self._model = self._core.read_model(export_decoder_onnx(decoder, embedding, pe, sparse, dense))
         self._request = self._compile(precision)
-        self._fp32_request = self._request if precision == "fp32" else None
-        self.fallbacks = 0  # decodes run again in float32
+        self._fp32 = _Float32Rerun(lambda: self._compile("fp32"), "bfloat16 decoder")
+
+    @property
+    def fallbacks(self) -> int:
+        """Decodes run again in float32."""
+        return self._fp32.count
 
     def _compile(self, precision: str):
         return _openvino_request(self._core, self._model, precision, decoder_threads())
@@ -403,12 +424,8 @@ class OpenVinoDecoder(_ExportedDecoder):
         feed = self._feed(emb, pe, sparse, dense)
         out = self._request.infer(feed)
         masks, iou = out[0], out[1]
-        if self._request is not self._fp32_request and not (np.isfinite(masks).all() and np.isfinite(iou).all()):
-            if self._fp32_request is None:
-                log.warning("the bfloat16 decoder gave a non-finite mask; such decodes are run in float32")
-                self._fp32_request = self._compile("fp32")
-            self.fallbacks += 1
-            out = self._fp32_request.infer(feed)
+        if self.precision != "fp32" and not (np.isfinite(masks).all() and np.isfinite(iou).all()):
+            out = self._fp32.infer(feed)
             masks, iou = out[0], out[1]
         return torch.from_numpy(masks.copy()), torch.from_numpy(iou.copy())
 
