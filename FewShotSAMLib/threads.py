@@ -1,4 +1,4 @@
-"""Thread settings of the numeric libraries around the decode loops (no torch import here)."""
+"""Thread settings of the numeric libraries around the decode loops (torch imported only when used)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,23 @@ def single_threaded_blas() -> Iterator[None]:
         return
     with controller.limit(limits=1, user_api="blas"):
         yield
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run the block's torch operations on one thread, restoring torch's thread count after it.
+
+    For small work between decodes (an embedding's float16 -> float32 cast, about 0.1 ms on one thread):
+    on two threads it would wake torch's thread pool, whose workers then spin on the cores the next decode
+    needs (docs/PERFORMANCE.md, eighth session). Setting the count costs about a microsecond."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 _CONTROLLER: list = []  # [(number of imported modules when made, controller or None)]

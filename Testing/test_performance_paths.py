@@ -490,16 +490,17 @@ def test_openvino_bf16_decoder_reruns_non_finite_answers_in_fp32(monkeypatch):
     backend = TinyVitBackend(precision="bf16", decoder_runtime="openvino")
     backend.decode(emb, prompts)  # builds the decoder
     runner = backend._exported_decoders["openvino-bf16"]
-    real = runner._request
+    run = runner._runs[False]  # the graph without a mask input
+    real = run.request
 
     class Overflowing:  # OpenVINO's bfloat16 request, its next answer spoilt
-        def infer(self, inputs):
-            out = real.infer(inputs)
+        def infer(self, inputs, **options):
+            out = real.infer(inputs, **options)
             masks = np.array(out[0])
             masks[0, 0, 0, 0] = np.nan
             return [masks, np.array(out[1])]
 
-    runner._request = Overflowing()
+    run.request = Overflowing()
     got = backend.decode(emb, prompts)
     assert runner.fallbacks == 1 and np.isfinite(got.logits).all()
     np.testing.assert_allclose(got.logits, ref.logits, atol=1e-3)
@@ -687,3 +688,33 @@ def test_decode_loops_keep_numpy_blas_to_one_thread_and_restore_it():
         VolumeSession.decode_slice(Probe(), 0, 0, Prompts(np.zeros((1, 2), np.float32)))
     assert seen == [[1] * len(before)]
     assert blas_threads() == before
+
+
+def test_embedding_cast_runs_torch_on_one_thread_and_restores_it(monkeypatch):
+    """The cache's float16 -> float32 cast runs torch on one thread (so that it does not wake torch's pool
+    before a decode) and gives numpy's values; torch's thread count is restored, also after an error."""
+    from FewShotSAMLib.sam.cache import EmbeddingCache
+    from FewShotSAMLib.threads import one_torch_thread
+
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="inside"):
+        with one_torch_thread():
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("inside")
+    assert torch.get_num_threads() == before
+    seen = []
+    from_numpy = torch.from_numpy
+
+    def recording(array):  # the thread count when the stored embedding is handed to torch
+        seen.append(torch.get_num_threads())
+        return from_numpy(array)
+
+    cache = EmbeddingCache(TinyVitBackend(precision="fp32"))
+    stored = np.random.default_rng(0).normal(size=(8, 4, 4)).astype(np.float16)
+    monkeypatch.setattr(cache, "_lookup", lambda key: stored)
+    monkeypatch.setattr(torch, "from_numpy", recording)
+    got = cache.get("slice")
+    monkeypatch.undo()
+    assert seen == [1] and torch.get_num_threads() == before
+    assert got.dtype == torch.float32
+    np.testing.assert_array_equal(got.numpy(), stored.astype(np.float32))

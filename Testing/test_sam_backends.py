@@ -343,28 +343,54 @@ def test_point_only_decode_has_one_padding_token(files):
 
 @pytest.mark.parametrize("build", [build_litemedsam_model, build_mobilesam_model], ids=["litemedsam", "vit_t"])
 def test_exported_decoder_graph_equals_predict_masks(build):
-    """The decoder graph exported to ONNX Runtime (output upscaling as per-pixel matrix products) gives
-    the family's own predict_masks for every mask token, with and without a box."""
-    from FewShotSAMLib.sam.base import _AllMasks
+    """The decoder graph that is exported (heads never split, output upscaling as per-pixel matrix products,
+    the positional encoding and the "no mask" prompt as constants) gives the family's own predict_masks for
+    every mask token: with and without a box, with a mask input, in either input layout."""
+    from FewShotSAMLib.sam.decoder_graph import DecoderGraph
     from FewShotSAMLib.sam.prompt_embedding import SparsePromptEmbedding
 
     torch.manual_seed(2)
     model = build().eval()
-    graph = _AllMasks(model.mask_decoder)
-    assert graph.fast  # the reference decoder's structure is recognised
     enc = model.prompt_encoder
     emb = torch.randn(1, enc.embed_dim, *enc.image_embedding_size)
     pe = enc.get_dense_pe()
-    dense = enc.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, *enc.image_embedding_size)
+    no_mask = enc.no_mask_embed.weight
     size = enc.input_image_size[0]
     embed = SparsePromptEmbedding(enc)
+    mask_input = torch.randn(1, 1, *enc.mask_input_size)
+
+    def pixels_major(t: torch.Tensor) -> torch.Tensor:
+        return t.flatten(2).transpose(1, 2).contiguous()
+
     with torch.no_grad():
-        for box in (None, np.array([0.2, 0.3, 0.7, 0.8], np.float32) * size):
-            sparse = torch.from_numpy(embed(np.array([[0.5, 0.5], [0.1, 0.9]], np.float32) * size,
-                                            np.array([1, 0]), box))[None]
-            masks, iou = graph(emb, pe, sparse, dense)
-            ref_masks, ref_iou = model.mask_decoder.predict_masks(emb, pe, sparse, dense)
-            assert masks.shape == ref_masks.shape
-            scale = float(ref_masks.abs().max())
-            assert float((masks - ref_masks).abs().max()) <= 1e-5 * max(scale, 1.0)
+        dense_of_mask = enc(points=None, boxes=None, masks=mask_input)[1]
+        dense_no_mask = no_mask.reshape(1, -1, 1, 1).expand_as(emb)
+        for layout in (False, True):
+            graph = DecoderGraph(model.mask_decoder, pe, pixels_major=layout, no_mask=no_mask).eval()
+            with_dense = DecoderGraph(model.mask_decoder, pe, pixels_major=layout).eval()
+            assert graph.fast  # the reference decoder's structure is recognised
+            x = pixels_major(emb) if layout else emb
+            for box in (None, np.array([0.2, 0.3, 0.7, 0.8], np.float32) * size):
+                sparse = torch.from_numpy(embed(np.array([[0.5, 0.5], [0.1, 0.9]], np.float32) * size,
+                                                np.array([1, 0]), box))[None]
+                for dense, got in ((dense_no_mask, graph(x, sparse)),
+                                   (dense_of_mask, with_dense(x, sparse, pixels_major(dense_of_mask) if layout
+                                                              else dense_of_mask))):
+                    masks, iou = got
+                    ref_masks, ref_iou = model.mask_decoder.predict_masks(emb, pe, sparse, dense)
+                    assert masks.shape == ref_masks.shape
+                    scale = float(ref_masks.abs().max())
+                    assert float((masks - ref_masks).abs().max()) <= 1e-5 * max(scale, 1.0)
+                    torch.testing.assert_close(iou, ref_iou, atol=1e-5, rtol=1e-5)
+            with pytest.raises(ValueError, match="dense"):
+                graph(x, sparse, x)
+        # A decoder of another structure (here one more layer in the upscaling) runs its own predict_masks
+        # inside the graph, with the constants and layouts handled the same way.
+        model.mask_decoder.output_upscaling.append(torch.nn.Identity())
+        for layout in (False, True):
+            other = DecoderGraph(model.mask_decoder, pe, pixels_major=layout, no_mask=no_mask).eval()
+            assert not other.fast
+            masks, iou = other(pixels_major(emb) if layout else emb, sparse)
+            ref_masks, ref_iou = model.mask_decoder.predict_masks(emb, pe, sparse, dense_no_mask)
+            torch.testing.assert_close(masks, ref_masks, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(iou, ref_iou, atol=1e-5, rtol=1e-5)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..errors import UserInputError
 from ..prompts.base import Prompts
+from .decoder_graph import export_decoder_onnx
 from .prompt_embedding import SparsePromptEmbedding
 
 log = logging.getLogger(__name__)
@@ -262,80 +263,6 @@ def openvino_available() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
-class _AllMasks(torch.nn.Module):
-    """The mask decoder returning every mask token's low-res mask and IoU score (the single-mask and
-    multimask outputs are slices of these, chosen after the run); what is exported to ONNX.
-
-    SAM's output upscaling (two 2x2 stride-2 transposed convolutions around a channel LayerNorm) is
-    computed as two matrix products on the transformer's (pixels, channels) output: a 2x2 stride-2
-    transposed convolution maps each input pixel to its own 2x2 output block, so it is a per-pixel linear
-    map followed by a rearrangement of pixels. The mask tokens' products are taken before the pixels are
-    rearranged, so only the 4 masks are moved, not 32 channels. Same values as ``predict_masks`` up to
-    float rounding (checked by the tests); fewer, larger operations for ONNX Runtime (about 9 % less
-    kernel time in its profile)."""
-
-    def __init__(self, decoder: torch.nn.Module) -> None:
-        super().__init__()
-        self.decoder = decoder
-        up = list(decoder.output_upscaling)
-        self.fast = (len(up) == 5 and all(isinstance(up[i], torch.nn.ConvTranspose2d) for i in (0, 3))
-                     and all(tuple(up[i].kernel_size) == (2, 2) and tuple(up[i].stride) == (2, 2) for i in (0, 3))
-                     and all(hasattr(up[1], a) for a in ("weight", "bias", "eps")))
-        if self.fast:
-            conv1, norm, self.act1, conv2, self.act2 = up
-            self.c1, self.c2 = conv1.weight.shape[1], conv2.weight.shape[1]
-
-            def per_pixel(conv: torch.nn.ConvTranspose2d) -> tuple[torch.Tensor, torch.Tensor]:
-                # weight (in, out, 2, 2) -> (in, 2 * 2 * out) with columns ordered (row, col, out)
-                w = conv.weight.detach().permute(0, 2, 3, 1).reshape(conv.weight.shape[0], -1).contiguous()
-                return w, conv.bias.detach().repeat(4)
-
-            w1, b1 = per_pixel(conv1)
-            w2, b2 = per_pixel(conv2)
-            self.register_buffer("w1", w1)
-            self.register_buffer("b1", b1)
-            self.register_buffer("w2", w2)
-            self.register_buffer("b2", b2)
-            self.norm = norm
-
-    def forward(self, emb: torch.Tensor, pe: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor):
-        d = self.decoder
-        if not self.fast:
-            return d.predict_masks(image_embeddings=emb, image_pe=pe, sparse_prompt_embeddings=sparse,
-                                   dense_prompt_embeddings=dense)
-        out_tokens = torch.cat([d.iou_token.weight, d.mask_tokens.weight], 0)[None].expand(sparse.size(0), -1, -1)
-        tokens = torch.cat((out_tokens, sparse), 1)
-        b, _, h, w = emb.shape
-        hs, pixels = d.transformer(emb + dense, pe, tokens)  # pixels: (B, h*w, C)
-        iou = d.iou_prediction_head(hs[:, 0])
-        mask_tokens = hs[:, 1:1 + d.num_mask_tokens]
-        x = (pixels @ self.w1 + self.b1).reshape(b, h * w * 4, self.c1)  # pixel order (y, x, i, j)
-        x = self.act1(torch.nn.functional.layer_norm(x, (self.c1,), self.norm.weight, self.norm.bias, self.norm.eps))
-        x = self.act2(x @ self.w2 + self.b2).reshape(b, h * w * 16, self.c2)  # (y, x, i, j, k, l)
-        hyper = torch.stack([d.output_hypernetworks_mlps[i](mask_tokens[:, i]) for i in range(d.num_mask_tokens)], 1)
-        m = hyper.shape[1]
-        masks = (x @ hyper.transpose(1, 2)).reshape(b, h, w, 2, 2, 2, 2, m)
-        # output row = 4y + 2i + k, column = 4x + 2j + l
-        masks = masks.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(b, m, 4 * h, 4 * w)
-        return masks, iou
-
-
-def export_decoder_onnx(decoder: torch.nn.Module, embedding: torch.Tensor, pe: torch.Tensor, sparse: torch.Tensor,
-                        dense: torch.Tensor) -> bytes:
-    """The mask decoder (as :class:`_AllMasks`) exported to ONNX in memory (about a second), the number of
-    prompt tokens a dynamic axis; the inputs are an example decode's."""
-    import io
-    import warnings
-
-    buffer = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's notes on shape checks that are constant here
-        torch.onnx.export(_AllMasks(decoder).eval(), (embedding, pe, sparse, dense.contiguous()), buffer,
-                          input_names=["emb", "pe", "sparse", "dense"], output_names=["masks", "iou"],
-                          dynamic_axes={"sparse": {1: "tokens"}}, opset_version=17, dynamo=False)
-    return buffer.getvalue()
-
-
 def decoder_threads() -> int:
     """Threads of an exported decoder's runtime: FEWSHOTSAM_DECODER_THREADS, else torch's thread count, so
     that a caller who keeps torch to one thread (small numpy/torch work between decodes) still decodes on
@@ -344,90 +271,120 @@ def decoder_threads() -> int:
 
 
 class _ExportedDecoder:
-    """Common part of the exported decoders: called like the decoder's ``predict_masks`` with CPU tensors;
-    returns (masks (1, M, h, w), iou (1, M)) as torch tensors."""
+    """Common part of the exported decoders (sam/decoder_graph.py): called with the (1, C, h, w) float32
+    CPU embedding, the sparse prompt tokens and the dense prompt (None without a mask input); returns
+    (masks (1, M, h', w'), iou (1, M)) as torch tensors. Two graphs: one with the "no mask" dense prompt
+    built in (built with the runner), one taking a dense prompt (built at the first mask input)."""
 
-    def __init__(self) -> None:
-        self._no_mask: Optional[tuple] = None
+    def __init__(self, decoder: torch.nn.Module, pe: torch.Tensor, no_mask: torch.Tensor) -> None:
+        self._decoder, self._pe, self._no_mask = decoder, pe.detach().float().cpu(), no_mask.detach().float().cpu()
+        self._runs: dict = {False: self._build(False)}
+
+    def _build(self, with_mask: bool) -> Callable[[dict], tuple]:
+        """A function of a feed dict returning (masks, iou) as numpy arrays."""
+        raise NotImplementedError
+
+    def _graph(self, with_mask: bool, pixels_major: bool = False) -> bytes:
+        return export_decoder_onnx(self._decoder, self._pe, pixels_major=pixels_major,
+                                   no_mask=None if with_mask else self._no_mask)
 
     @staticmethod
     def _numpy(t: torch.Tensor) -> np.ndarray:
         # float32 contiguous CPU tensors (what decode passes) convert without a copy
         return t.detach().float().contiguous().numpy()
 
-    def _dense(self, dense: torch.Tensor) -> np.ndarray:
-        """The dense prompt as numpy; the "no mask" one (a learnt vector broadcast over the grid, stride 0)
-        is made contiguous once, not on every decode."""
-        if dense.stride()[-1] != 0:
-            return self._numpy(dense)
-        key = (dense.data_ptr(), tuple(dense.shape))
-        if self._no_mask is None or self._no_mask[0] != key:
-            self._no_mask = (key, self._numpy(dense))
-        return self._no_mask[1]
+    def _feed(self, emb: torch.Tensor, sparse: torch.Tensor, dense: Optional[torch.Tensor]) -> dict:
+        feed = {"emb": self._numpy(emb), "sparse": self._numpy(sparse)}
+        if dense is not None:
+            feed["dense"] = self._numpy(dense.expand_as(emb))
+        return feed
 
-    def _feed(self, emb: torch.Tensor, pe: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor) -> dict:
-        return {"emb": self._numpy(emb), "pe": self._numpy(pe), "sparse": self._numpy(sparse),
-                "dense": self._dense(dense)}
+    def __call__(self, emb: torch.Tensor, sparse: torch.Tensor, dense: Optional[torch.Tensor] = None):
+        with_mask = dense is not None
+        run = self._runs.get(with_mask)
+        if run is None:
+            run = self._runs[with_mask] = self._build(with_mask)
+        masks, iou = run(self._feed(emb, sparse, dense))
+        return torch.from_numpy(masks), torch.from_numpy(iou)
 
 
 class OnnxDecoder(_ExportedDecoder):
-    """The mask decoder exported to ONNX in memory (about a second, once per backend) and run by ONNX
-    Runtime on CPU in float32; the number of prompt tokens is a dynamic axis."""
+    """The mask decoder exported to ONNX in memory (about a second per graph) and run by ONNX Runtime on
+    CPU in float32; the number of prompt tokens is a dynamic axis."""
 
-    def __init__(self, decoder: torch.nn.Module, embedding: torch.Tensor, pe: torch.Tensor, sparse: torch.Tensor,
-                 dense: torch.Tensor) -> None:
+    def _build(self, with_mask: bool):
         import onnxruntime as ort
 
-        super().__init__()
         options = ort.SessionOptions()
         options.intra_op_num_threads = decoder_threads()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # its worker threads sleep when a decode ends instead of spinning on the cores that the encoder,
         # the generators and (in Slicer) the application need next (docs/PERFORMANCE.md, fifth session)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(export_decoder_onnx(decoder, embedding, pe, sparse, dense), options,
-                                            providers=["CPUExecutionProvider"])
-
-    def __call__(self, emb: torch.Tensor, pe: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor):
-        masks, iou = self.session.run(None, self._feed(emb, pe, sparse, dense))
-        return torch.from_numpy(masks), torch.from_numpy(iou)
+        session = ort.InferenceSession(self._graph(with_mask), options, providers=["CPUExecutionProvider"])
+        return lambda feed: tuple(session.run(None, feed))
 
 
 class OpenVinoDecoder(_ExportedDecoder):
-    """The mask decoder exported to ONNX in memory and compiled by OpenVINO for the CPU (about 0.2 s, once
-    per backend) in float32 or bfloat16 (OpenVINO's inference precision: bfloat16 matrix products where the
-    CPU has them); the number of prompt tokens stays dynamic. A decode whose bfloat16 answer is not finite
-    is run again in float32 (compiled when first needed)."""
+    """The mask decoder exported to ONNX in memory and compiled by OpenVINO for the CPU (about 0.2 s per
+    graph) in float32 or bfloat16 (OpenVINO's inference precision: bfloat16 matrix products where the CPU
+    has them); the number of prompt tokens stays dynamic. The graph works on (pixels, channels); OpenVINO's
+    preprocessing transposes the (C, h*w) embedding into it once, at the input (a transpose inside the
+    graph was moved by OpenVINO into two of its consumers and ran twice). A decode whose bfloat16 answer is
+    not finite is run again in float32 (compiled when first needed)."""
 
-    def __init__(self, decoder: torch.nn.Module, embedding: torch.Tensor, pe: torch.Tensor, sparse: torch.Tensor,
-                 dense: torch.Tensor, precision: str = "bf16") -> None:
+    def __init__(self, decoder: torch.nn.Module, pe: torch.Tensor, no_mask: torch.Tensor,
+                 precision: str = "bf16") -> None:
         import openvino as ov
 
-        super().__init__()
         if precision not in ("fp32", "bf16"):
             raise UserInputError(f"The openvino decoder runs in fp32 or bf16, not '{precision}'.")
         self.precision = precision
         self._core = ov.Core()
-        self._model = self._core.read_model(export_decoder_onnx(decoder, embedding, pe, sparse, dense))
-        self._request = self._compile(precision)
-        self._fp32 = _Float32Rerun(lambda: self._compile("fp32"), "bfloat16 decoder")
+        self._reruns: list[_Float32Rerun] = []
+        super().__init__(decoder, pe, no_mask)
 
     @property
     def fallbacks(self) -> int:
         """Decodes run again in float32."""
-        return self._fp32.count
+        return sum(r.count for r in self._reruns)
 
-    def _compile(self, precision: str):
-        return _openvino_request(self._core, self._model, precision, decoder_threads())
+    def _build(self, with_mask: bool):
+        import openvino as ov
+        from openvino.preprocess import PrePostProcessor
 
-    def __call__(self, emb: torch.Tensor, pe: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor):
-        feed = self._feed(emb, pe, sparse, dense)
-        out = self._request.infer(feed)
+        model = self._core.read_model(self._graph(with_mask, pixels_major=True))
+        ppp = PrePostProcessor(model)
+        for name in ("emb", "dense") if with_mask else ("emb",):
+            ppp.input(name).tensor().set_layout(ov.Layout("NCH"))
+            ppp.input(name).model().set_layout(ov.Layout("NHC"))
+        model = ppp.build()
+        run = _OpenVinoRun(_openvino_request(self._core, model, self.precision, decoder_threads()),
+                           _Float32Rerun(lambda: _openvino_request(self._core, model, "fp32", decoder_threads()),
+                                         "bfloat16 decoder") if self.precision != "fp32" else None)
+        if run.rerun is not None:
+            self._reruns.append(run.rerun)
+        return run
+
+    def _feed(self, emb: torch.Tensor, sparse: torch.Tensor, dense: Optional[torch.Tensor]) -> dict:
+        # (1, C, h, w) -> (1, C, h*w), the layout the preprocessing transposes (a view, no copy)
+        return {k: v if k == "sparse" else v.reshape(v.shape[0], v.shape[1], -1)
+                for k, v in super()._feed(emb, sparse, dense).items()}
+
+
+class _OpenVinoRun:
+    """One compiled decoder graph: its request, and the float32 re-run of non-finite bfloat16 answers."""
+
+    def __init__(self, request, rerun: Optional[_Float32Rerun]) -> None:
+        self.request, self.rerun = request, rerun
+
+    def __call__(self, feed: dict) -> tuple:
+        out = self.request.infer(feed, share_inputs=True)  # the arrays are read in place, not copied
         masks, iou = out[0], out[1]
-        if self.precision != "fp32" and not (np.isfinite(masks).all() and np.isfinite(iou).all()):
-            out = self._fp32.infer(feed)
+        if self.rerun is not None and not (np.isfinite(masks).all() and np.isfinite(iou).all()):
+            out = self.rerun.infer(feed)
             masks, iou = out[0], out[1]
-        return torch.from_numpy(masks.copy()), torch.from_numpy(iou.copy())
+        return masks, iou
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -702,12 +659,11 @@ class SamBackend:
         sparse_np = self._sparse_embedding(np.concatenate(coords) if coords else None,
                                            np.concatenate(labels) if labels else None, box)
         sparse = torch.from_numpy(sparse_np)[None].to(self.device)
+        dense = None  # no mask input: the prompt encoder's learnt "no mask" vector
         if prompts.mask_input is not None:
             masks = torch.as_tensor(prompts.mask_input, dtype=torch.float32, device=self.device)[None, None]
             dense = self.model.prompt_encoder(points=None, boxes=None, masks=masks)[1]
-        else:
-            dense = self._no_mask_dense()
-        low, iou = self._predict_masks(emb, self._dense_pe(), sparse, dense)
+        low, iou = self._predict_masks(emb, sparse, dense)
         if multimask:
             best = 1 + int(torch.argmax(iou[0, 1:]))
         else:
@@ -732,19 +688,21 @@ class SamBackend:
         self._last_embedding = (embedding, emb)
         return emb
 
-    def _predict_masks(self, emb: torch.Tensor, pe: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor):
+    def _predict_masks(self, emb: torch.Tensor, sparse: torch.Tensor, dense: Optional[torch.Tensor]):
         """Every mask token's low-res mask and score, from PyTorch, ONNX Runtime or OpenVINO
-        (``decoder_runtime``; the exported decoders are built at the first decode, from its inputs)."""
+        (``decoder_runtime``; the exported decoders are built at the first decode). ``dense`` is None
+        without a mask input."""
+        pe = self._dense_pe()
         while self.decoder_runtime != "torch":
             key = f"{self.decoder_runtime}-{self.decoder_precision}"
             runner = self._exported_decoders.get(key)
             if runner is None:
+                no_mask = self.model.prompt_encoder.no_mask_embed.weight
                 try:
                     if self.decoder_runtime == "openvino":
-                        runner = OpenVinoDecoder(self.model.mask_decoder, emb, pe, sparse, dense,
-                                                 self.decoder_precision)
+                        runner = OpenVinoDecoder(self.model.mask_decoder, pe, no_mask, self.decoder_precision)
                     else:
-                        runner = OnnxDecoder(self.model.mask_decoder, emb, pe, sparse, dense)
+                        runner = OnnxDecoder(self.model.mask_decoder, pe, no_mask)
                 except Exception as exc:  # an automatically chosen fast path that fails leaves the next one
                     if self._decoder_runtime_asked != "auto":
                         raise
@@ -755,9 +713,10 @@ class SamBackend:
                     self.decoder_runtime = fallback
                     continue
                 self._exported_decoders[key] = runner
-            return runner(emb, pe, sparse, dense)
-        return self.model.mask_decoder.predict_masks(image_embeddings=emb, image_pe=pe,
-                                                     sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense)
+            return runner(emb, sparse, dense)
+        return self.model.mask_decoder.predict_masks(
+            image_embeddings=emb, image_pe=pe, sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=self._no_mask_dense() if dense is None else dense)
 
     def _no_mask_dense(self) -> torch.Tensor:
         """The dense prompt without a mask input: the learnt "no mask" vector broadcast over the grid (a

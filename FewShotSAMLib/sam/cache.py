@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import UserInputError
+from ..threads import one_torch_thread
 from .base import SamBackend
 
 log = logging.getLogger(__name__)
@@ -184,8 +185,9 @@ class EmbeddingCache:
             self.ensure([key], frame)
             emb = self._lookup(key)
         if self.backend.device.type == "cpu":
-            # numpy's cast: torch's would wake its thread pool, whose cores the decoder's threads hold
-            return torch.from_numpy(emb.astype(np.float32))
+            # torch's vectorised cast: about 0.1 ms for a LiteMedSAM embedding where numpy's takes 2.5 ms
+            with one_torch_thread():
+                return torch.from_numpy(emb).float()
         return torch.from_numpy(emb).to(self.backend.device).float()  # float16 over the bus, cast on the device
 
     def get_many(self, keys: Iterable[Hashable], frame: Callable[[Hashable], np.ndarray]) -> list[torch.Tensor]:
