@@ -373,8 +373,9 @@ class VolumeSession:
             for q in range(start, stop, step):
                 if not (lo <= q <= hi):
                     break
-                # Prefetch a batch ahead along the run so the encoder works in batches.
-                ahead = list(range(q, stop, step)[: self.backend.batch_size])
+                # Read ahead along the run where the encoder gains from batches (encode_ahead is 1 where it
+                # does not, so that no slice past the one where the run stops is encoded).
+                ahead = list(range(q, stop, step)[: self.backend.encode_ahead])
                 pv.encode(self.cache, ahead)
                 emb = self.cache.get(pv.key(q))
                 decoded = []

@@ -23,11 +23,13 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 200.0 * (a & b).sum() / max(1, a.sum() + b.sum())
 
 
-def blob_volume(n=9, size=64):
-    """A bright ellipsoid in a noisy dark volume: a target SAM finds easily (for the engine's flow)."""
+def blob_volume(n=9, size=64, half_depth=None):
+    """A bright ellipsoid in a noisy dark volume: a target SAM finds easily (for the engine's flow).
+    ``half_depth`` (slices; default n / 2.6) is how far it reaches either side of the middle slice."""
     rng = np.random.default_rng(0)
     z, y, x = np.mgrid[:n, :size, :size]
-    blob = ((z - n // 2) / (n / 2.6)) ** 2 + ((y - 30) / 14.0) ** 2 + ((x - 34) / 11.0) ** 2 < 1
+    half_depth = half_depth or n / 2.6
+    blob = ((z - n // 2) / half_depth) ** 2 + ((y - 30) / 14.0) ** 2 + ((x - 34) / 11.0) ** 2 < 1
     image = rng.normal(100, 10, (n, size, size)) + 400 * blob
     return image.astype(np.float32), blob
 
@@ -115,6 +117,25 @@ def test_blob_auto_extent_painted_slice_and_encode_once(blob_session):
     assert session.cache.encoded == encoded
     assert set(res.prompts) == set(seg) - {4}
     assert all(p.box is not None for p in res.prompts.values())
+
+
+def test_propagation_encodes_no_slice_past_where_it_stops(litemedsam):
+    """With an encoder that runs slice by slice (OpenVINO, the CPU default) reading ahead gains nothing, so
+    a propagation encodes the slices it decodes and the one where it stops, none beyond (reading a batch
+    ahead encoded up to three more per stop: a tenth of the encoder time of a CHAOS liver)."""
+    if litemedsam.encode_ahead != 1:
+        pytest.skip(f"the {litemedsam.runtime} encoder reads {litemedsam.encode_ahead} slices ahead")
+    image, blob = blob_volume(n=21, half_depth=4.5)
+    session = VolumeSession(image, (3.0, 1.0, 1.0), sam=litemedsam)
+    ex = np.zeros_like(blob)
+    ex[10] = blob[10]
+    res = session.segment(ex, generator="boxprop")
+    decoded = sorted(set(res.prompts) | {10})
+    assert 2 < decoded[0] and decoded[-1] < 18  # the run stopped well inside the volume on both sides
+    pv = session.prepared(0)
+    encoded = [i for i in range(pv.n_slices) if pv.key(i) in session.cache]
+    assert encoded == list(range(decoded[0] - 1, decoded[-1] + 2))
+    assert session.cache.encoded == len(encoded)
 
 
 def test_forced_range_and_bad_ranges(blob_session):

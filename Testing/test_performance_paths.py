@@ -150,6 +150,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_fused_and_channels_last_match_plain(tinyvit_frames, plain_embeddings):
     plain, ref = plain_embeddings
+    assert plain.runtime == "torch" and plain.encode_ahead == plain.batch_size == 2  # PyTorch reads a batch ahead
     fused = TinyVitBackend(precision="fp32", fuse=True)
     assert fused.fused > 0  # the Conv2d_BN pairs were folded
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.model.image_encoder.modules())
@@ -214,6 +215,7 @@ def test_onnxruntime_tinyvit_batches(tinyvit_frames, plain_embeddings, tmp_path,
     _, ref = plain_embeddings
     ort = TinyVitBackend(precision="fp32", fuse=True, runtime="onnxruntime")
     assert _rel(ort.encode(tinyvit_frames), ref) < 1e-4
+    assert ort.encode_ahead == 1  # slice by slice: a propagation reads no slice ahead
 
 
 def test_openvino_encoder_matches_plain(tinyvit_frames, plain_embeddings, tmp_path, monkeypatch):
@@ -227,6 +229,7 @@ def test_openvino_encoder_matches_plain(tinyvit_frames, plain_embeddings, tmp_pa
     assert ov32.runtime == "openvino" and ov32.cache_name == "tinyvit-test" and "OpenVINO" in ov32.describe()
     assert _rel(ov32.encode(tinyvit_frames), ref) < 1e-4
     assert ov32.encode_to_host(tinyvit_frames[:1]).dtype == np.float16
+    assert ov32.encode_ahead == 1  # slice by slice: a propagation reads no slice ahead
     assert any((tmp_path / "openvino-cache").iterdir())  # the compiled model is kept for the next start
     ov16 = TinyVitBackend(precision="bf16", fuse=True, runtime="openvino")
     assert ov16.cache_name == "tinyvit-test-bf16-openvino"  # not torch's bf16 autocast folder

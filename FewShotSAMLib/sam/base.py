@@ -151,6 +151,8 @@ def split_encoder(encoder: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.M
 class OnnxEncoder:
     """The exported image encoder run by ONNX Runtime on CPU in float32, one slice per run."""
 
+    slices_per_run = 1  # a batch costs what its slices cost one by one
+
     def __init__(self, encoder: torch.nn.Module, name: str, input_size: int) -> None:
         try:
             import onnxruntime as ort
@@ -205,6 +207,8 @@ class OpenVinoEncoder:
     (OpenVINO's model cache), so only the first run on a machine pays for the compilation. A slice whose
     reduced-precision embedding is not finite (seen with random weights, never on the CHAOS volumes) is
     encoded again in float32."""
+
+    slices_per_run = 1  # a batch costs what its slices cost one by one
 
     def __init__(self, encoder: torch.nn.Module, name: str, input_size: int, precision: str) -> None:
         try:
@@ -563,6 +567,16 @@ class SamBackend:
                 raise UserInputError(f"The {name} decoder needs the {name} and onnx packages: "
                                      f"pip install {name} onnx, or use the torch decoder.")
         return name
+
+    @property
+    def encode_ahead(self) -> int:
+        """Slices a propagation encodes together (the slice it needs now and the next ones along its run):
+        ``batch_size`` where a batch encodes faster than its slices one by one (PyTorch, CUDA), 1 where the
+        encoder runs slice by slice anyway (OpenVINO, ONNX Runtime), so that a propagation never encodes
+        slices beyond the one where it stops."""
+        if getattr(self._encoder, "slices_per_run", None) == 1:
+            return 1
+        return max(1, int(self.batch_size))
 
     @property
     def decoder_precision(self) -> str:
