@@ -373,10 +373,11 @@ class VolumeSession:
             for q in range(start, stop, step):
                 if not (lo <= q <= hi):
                     break
-                # Read ahead along the run where the encoder gains from batches (encode_ahead is 1 where it
-                # does not, so that no slice past the one where the run stops is encoded).
-                ahead = list(range(q, stop, step)[: self.backend.encode_ahead])
-                pv.encode(self.cache, ahead)
+                if pv.key(q) not in self.cache:
+                    # A block along the run where the encoder gains from batches (PyTorch, CUDA: full
+                    # batches, not one new slice per step); one slice where it does not (encode_ahead 1:
+                    # OpenVINO, ONNX Runtime), so that no slice past the one where the run stops is encoded.
+                    pv.encode(self.cache, list(range(q, stop, step)[: self.backend.encode_ahead]))
                 emb = self.cache.get(pv.key(q))
                 decoded = []
                 for piece in pieces:

@@ -124,8 +124,8 @@ def test_two_segment_like_passes_encode_each_slice_once():
         for step in (1, -1):
             stop = pv.n_slices if step == 1 else -1
             for q in range(painted + step, stop, step):
-                ahead = list(range(q, stop, step))[: backend.batch_size]
-                pv.embeddings(cache, ahead)
+                if pv.key(q) not in cache:  # a block along the run, as the engine encodes for PyTorch
+                    pv.embeddings(cache, list(range(q, stop, step))[: backend.batch_size])
                 emb = cache.get(pv.key(q))
                 assert emb.shape == EMB_SHAPE
     assert backend.n_encoded == pv.n_slices == 12
