@@ -120,21 +120,22 @@ def test_blob_auto_extent_painted_slice_and_encode_once(blob_session):
 
 
 def test_propagation_encodes_no_slice_past_where_it_stops(litemedsam):
-    """With an encoder that runs slice by slice (OpenVINO, the CPU default) reading ahead gains nothing, so
-    a propagation encodes the slices it decodes and the one where it stops, none beyond (reading a batch
-    ahead encoded up to three more per stop: a tenth of the encoder time of a CHAOS liver)."""
-    if litemedsam.encode_ahead != 1:
-        pytest.skip(f"the {litemedsam.runtime} encoder reads {litemedsam.encode_ahead} slices ahead")
-    image, blob = blob_volume(n=21, half_depth=4.5)
+    """A propagation encodes the slices it decodes, the one where it stops, and beyond that at most a block
+    of ``encode_ahead`` less one: none with OpenVINO, the CPU default, which runs slice by slice (reading a
+    4-slice batch ahead had encoded up to three more per stop, a tenth of the encoder time of a CHAOS
+    liver); up to ``batch_size - 1`` with PyTorch."""
+    image, blob = blob_volume(n=25, half_depth=4.5)
     session = VolumeSession(image, (3.0, 1.0, 1.0), sam=litemedsam)
     ex = np.zeros_like(blob)
-    ex[10] = blob[10]
+    ex[12] = blob[12]
     res = session.segment(ex, generator="boxprop")
-    decoded = sorted(set(res.prompts) | {10})
-    assert 2 < decoded[0] and decoded[-1] < 18  # the run stopped well inside the volume on both sides
+    decoded = sorted(set(res.prompts) | {12})
+    spare = litemedsam.encode_ahead - 1
+    assert 1 + spare < decoded[0] and decoded[-1] < 23 - spare  # it stopped well inside the volume both ways
     pv = session.prepared(0)
-    encoded = [i for i in range(pv.n_slices) if pv.key(i) in session.cache]
-    assert encoded == list(range(decoded[0] - 1, decoded[-1] + 2))
+    encoded = {i for i in range(pv.n_slices) if pv.key(i) in session.cache}
+    assert set(range(decoded[0] - 1, decoded[-1] + 2)) <= encoded
+    assert encoded <= set(range(decoded[0] - 1 - spare, decoded[-1] + 2 + spare))
     assert session.cache.encoded == len(encoded)
 
 
