@@ -150,7 +150,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_fused_and_channels_last_match_plain(tinyvit_frames, plain_embeddings):
     plain, ref = plain_embeddings
-    assert plain.runtime == "torch" and plain.encode_ahead == plain.batch_size == 2  # PyTorch reads a batch ahead
+    assert plain.runtime == "torch" and plain.encode_ahead == plain.batch_size == 2  # PyTorch encodes a batch at a time
     fused = TinyVitBackend(precision="fp32", fuse=True)
     assert fused.fused > 0  # the Conv2d_BN pairs were folded
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.model.image_encoder.modules())
@@ -577,8 +577,8 @@ def test_four_organs_encode_each_slice_once():
     assert max(batches) <= backend.batch_size
     # The first organ's propagation encoded the painted slice, then full batches along each direction (a
     # batch at a time, not one new slice per step): a GPU encodes in batches during a propagation too.
-    up, down = n - 1 - n // 2, n // 2
-    assert batches == [1] + [3] * (up // 3) + [up % 3] * (up % 3 > 0) + [3] * (down // 3) + [down % 3] * (down % 3 > 0)
+    bs, up, down = backend.batch_size, n - 1 - n // 2, n // 2
+    assert batches == [1] + [bs] * (up // bs) + [up % bs] * (up % bs > 0) + [bs] * (down // bs) + [down % bs] * (down % bs > 0)
 
 
 # ---- memory cap on a large volume ----------------------------------------------------------------

@@ -571,9 +571,9 @@ class SamBackend:
     @property
     def encode_ahead(self) -> int:
         """Slices a propagation encodes together (the slice it needs now and the next ones along its run):
-        ``batch_size`` where a batch encodes faster than its slices one by one (PyTorch, CUDA), 1 where the
-        encoder runs slice by slice anyway (OpenVINO, ONNX Runtime), so that a propagation never encodes
-        slices beyond the one where it stops."""
+        ``batch_size`` where a batch encodes faster than its slices one by one (PyTorch, CUDA: a stop may
+        leave up to ``batch_size - 1`` of them unused), 1 where the encoder runs slice by slice anyway
+        (OpenVINO, ONNX Runtime: no slice past the one where a propagation stops is encoded)."""
         if getattr(self._encoder, "slices_per_run", None) == 1:
             return 1
         return max(1, int(self.batch_size))
