@@ -198,6 +198,13 @@ class _Float32Rerun:
         self.count += 1
         return self._request.infer(inputs)
 
+    def mend(self, outputs: tuple, inputs: dict) -> tuple:
+        """``outputs`` when all are finite, else the float32 answers to ``inputs`` (copies, one per output)."""
+        if all(np.isfinite(o).all() for o in outputs):
+            return outputs
+        answer = self.infer(inputs)
+        return tuple(np.array(answer[i]) for i in range(len(outputs)))
+
 
 class OpenVinoEncoder:
     """The exported image encoder compiled by OpenVINO for the CPU, one slice per run, in float32,
@@ -244,9 +251,7 @@ class OpenVinoEncoder:
         for stage in self.stages[:-1]:  # x becomes the last stage's input (the float32 stem's output)
             x = stage.infer({0: x})[0].copy()
         y = self.stages[-1].infer({0: x})[0].copy()
-        if self.precision != "fp32" and not np.isfinite(y).all():
-            y = self._fp32.infer({0: x})[0].copy()
-        return y
+        return y if self.precision == "fp32" else self._fp32.mend((y,), {0: x})[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.detach().cpu().float().contiguous().numpy()
@@ -385,10 +390,7 @@ class _OpenVinoRun:
     def __call__(self, feed: dict) -> tuple:
         out = self.request.infer(feed, share_inputs=True)  # the arrays are read in place, not copied
         masks, iou = out[0], out[1]
-        if self.rerun is not None and not (np.isfinite(masks).all() and np.isfinite(iou).all()):
-            out = self.rerun.infer(feed)
-            masks, iou = out[0], out[1]
-        return masks, iou
+        return (masks, iou) if self.rerun is None else self.rerun.mend((masks, iou), feed)
 
 
 def cpu_has_fast_bf16() -> bool:
