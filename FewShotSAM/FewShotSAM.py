@@ -22,6 +22,8 @@ from slicer.util import VTKObservationMixin
 import FewShotSAMMRML
 from FewShotSAMMRML import CancelledError, SegmentFromExampleLogic, UserInputError
 
+from FewShotSAMLib.sam.names import BACKEND_NAMES, DEFAULT_SAM
+
 HELP = """Segment a whole organ in a CT or MRI volume from one painted slice.<br>
 1. Load a volume and paint the organ on one slice with the Segment Editor.<br>
 2. Here, select the volume and the painted segment.<br>
@@ -66,7 +68,7 @@ class FewShotSAMParameterNode:
     overwriteOutput: bool = False
     outputSegmentId: str = ""
     generator: str = ""
-    samModel: str = "litemedsam"
+    samModel: str = DEFAULT_SAM
     device: str = "auto"
     automaticExtent: bool = True
     firstSlice: int = 0
@@ -133,7 +135,7 @@ class FewShotSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.generatorComboBox.addItem(name)
         self.ui.generatorComboBox.setCurrentText(default)
         self.ui.samModelComboBox.clear()
-        for name in ("litemedsam", "vit_b", "vit_l", "vit_h", "vit_t"):
+        for name in BACKEND_NAMES:
             self.ui.samModelComboBox.addItem(name)
 
     # ---- life cycle -----------------------------------------------------------------------------
@@ -202,7 +204,7 @@ class FewShotSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.newSegmentRadioButton.checked = not p.overwriteOutput
             if p.generator:
                 self.ui.generatorComboBox.setCurrentText(p.generator)
-            self.ui.samModelComboBox.setCurrentText(p.samModel or "litemedsam")
+            self.ui.samModelComboBox.setCurrentText(p.samModel or DEFAULT_SAM)
             self.ui.deviceComboBox.setCurrentText(p.device or "auto")
             self.ui.firstSliceSpinBox.enabled = not p.automaticExtent
             self.ui.lastSliceSpinBox.enabled = not p.automaticExtent
@@ -242,7 +244,7 @@ class FewShotSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onModelChoiceChanged(self, *args) -> None:
         if self._parameterNode and not self._updatingGUI:
             self._parameterNode.generator = self.ui.generatorComboBox.currentText
-            self._parameterNode.samModel = self.ui.samModelComboBox.currentText.strip() or "litemedsam"
+            self._parameterNode.samModel = self.ui.samModelComboBox.currentText.strip() or DEFAULT_SAM
             self._parameterNode.device = self.ui.deviceComboBox.currentText
 
     def onBrowseCheckpoint(self) -> None:
@@ -301,7 +303,7 @@ class FewShotSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.WaitCursor():
                 outId = self.logic.segmentFromExample(
                     p.inputVolume, p.segmentationNode, p.exampleSegmentId,
-                    generator=p.generator or FewShotSAMMRML.default_generator(), sam=p.samModel or "litemedsam",
+                    generator=p.generator or FewShotSAMMRML.default_generator(), sam=p.samModel or DEFAULT_SAM,
                     device=p.device or "auto", extent=extent, showPrompts=p.showPrompts,
                     outputSegmentId=p.outputSegmentId if p.overwriteOutput else None,
                     progress=self.onProgress, cancel=lambda: self._cancelRequested)

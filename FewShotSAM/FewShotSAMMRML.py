@@ -46,6 +46,7 @@ def _make_library_importable() -> None:
 _make_library_importable()
 
 from FewShotSAMLib.errors import CancelledError, UserInputError  # noqa: E402,F401 - re-exported for the module
+from FewShotSAMLib.sam.names import DEFAULT_SAM  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -907,7 +908,7 @@ class PromptEditor:
 # ----------------------------------------------------------------------------------------------------
 # The console batch API (the Slicer Logic class inherits this)
 # ----------------------------------------------------------------------------------------------------
-def resolve_generator(name: Optional[str], sam: str = "litemedsam") -> str:
+def resolve_generator(name: Optional[str], sam: str = DEFAULT_SAM) -> str:
     """The generator to run: 'auto' (or nothing) is the one that measured best for ``sam``
     (``FewShotSAMLib.prompts.recommended_generator``); 'fob' without FoB installed falls back to it (logged)."""
     from FewShotSAMLib.prompts import available_generators, recommended_generator
@@ -971,7 +972,7 @@ class SegmentFromExampleLogic:
         self.busy = False
 
     # ---- sessions -------------------------------------------------------------------------------
-    def session_for(self, volume_node, image: np.ndarray, sam: str = "litemedsam", device: str = "auto"):
+    def session_for(self, volume_node, image: np.ndarray, sam: str = DEFAULT_SAM, device: str = "auto"):
         """The VolumeSession of this volume's current voxels and this SAM model (made once)."""
         from FewShotSAMLib.engine import VolumeSession
 
@@ -1019,9 +1020,11 @@ class SegmentFromExampleLogic:
         worker.start()
         while worker.is_alive():
             self.pump_events()
-            if cancel is not None and cancel():
+            if cancel is not None and not stop.is_set() and cancel():
+                # the worker stops at its next slice boundary: the slices it finishes meanwhile (those of
+                # one poll interval, 30 ms) are neither reported nor written
                 stop.set()
-            if progress is not None and (shared["done"], shared["total"]) != shared["shown"]:
+            if progress is not None and not stop.is_set() and (shared["done"], shared["total"]) != shared["shown"]:
                 shared["shown"] = (shared["done"], shared["total"])
                 progress(shared["done"], shared["total"])
             worker.join(0.03)
@@ -1031,7 +1034,7 @@ class SegmentFromExampleLogic:
 
     # ---- the API --------------------------------------------------------------------------------
     def segmentFromExample(self, volumeNode, segmentationNode, segmentId: str, generator: str = "auto",
-                           sam: str = "litemedsam", device: str = "auto", extent="auto", showPrompts: bool = True,
+                           sam: str = DEFAULT_SAM, device: str = "auto", extent="auto", showPrompts: bool = True,
                            outputSegmentId: Optional[str] = None,
                            progress: Optional[Callable[[int, int], None]] = None,
                            cancel: Optional[Callable[[], bool]] = None) -> str:

@@ -107,6 +107,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--organs", default="1,2,3,4", help="Label values of the organs to segment (default 1,2,3,4).")
     p.add_argument("--json", default=None, help="Write the figures to this JSON file.")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu).")
+    p.add_argument("--sam", default="litemedsam", choices=("litemedsam", "litemedsam-points"),
+                   help="The LiteMedSAM decoder of the whole-volume and re-run figures (same encoder).")
     p.add_argument("--fast", default=None, help="The encoder variant used for the whole-volume figures (default: the "
                    "library's default path on this machine: mixed-fused-ov-b4 on a CPU with native bfloat16, "
                    "fp32-fused-ov-b4 on others, fp32-fused-b4 without openvino).")
@@ -148,12 +150,12 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
-def _make_backend(variant: EncoderVariant, device: str):
+def _make_backend(variant: EncoderVariant, device: str, sam: str = "litemedsam"):
     from .sam.litemedsam import LiteMedSAMBackend
 
     backend = LiteMedSAMBackend(device=device, precision=variant.precision, fuse=variant.fuse,
                                 channels_last=variant.channels_last, compile=variant.compile,
-                                runtime=variant.runtime)
+                                runtime=variant.runtime, variant=sam)
     backend.batch_size = variant.batch
     return backend
 
@@ -239,7 +241,7 @@ def bench_encoder(frames: np.ndarray, variants: list[EncoderVariant], device: st
 
 
 def bench_volume(image, labels: np.ndarray, organs: list[int], fast: EncoderVariant, device: str,
-                 rounds: int = 2) -> tuple[dict, object]:
+                 rounds: int = 2, sam: str = "litemedsam") -> tuple[dict, object]:
     """One encode pass over the volume, then the organs segmented in one session (each slice encoded once),
     with the generator and decoder timed inside the run; ``rounds`` times, alternating, each round from
     empty caches, so that the ratio of the two is taken from neighbouring measurements (this machine's
@@ -252,7 +254,7 @@ def bench_volume(image, labels: np.ndarray, organs: list[int], fast: EncoderVari
     from .slices import PreparedVolume
     from .volume import choose_intensity
 
-    backend = _make_backend(fast, device)
+    backend = _make_backend(fast, device, sam)
     # Warm-up: the encoder, and the decoder (an exported decoder is built at its first decode, about half
     # a second: start-up work, timed by `startup` and the first run, not by every round).
     warm = backend.encode(np.zeros((fast.batch, backend.input_size, backend.input_size), np.float32))
@@ -609,7 +611,7 @@ def run(args: argparse.Namespace) -> int:
         out["encoder_s_per_slice"] = enc[fast.label]["s_per_slice"]
         out["encoder_speedup_vs_plain"] = enc[fast.label]["speedup_vs_plain"]
     if "volume" not in skip:
-        fig, session = bench_volume(image, labels, organs, fast, device, max(1, args.volume_rounds))
+        fig, session = bench_volume(image, labels, organs, fast, device, max(1, args.volume_rounds), args.sam)
         out.update(fig)
         if "encoder_plain_s_per_slice" in out:
             out["four_organs_plain_reencode_estimate_s"] = len(organs) * fig["volume_slices"] * out["encoder_plain_s_per_slice"]

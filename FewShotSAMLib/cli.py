@@ -53,6 +53,7 @@ def parse_range(text: str):
 def add_segment_arguments(p: argparse.ArgumentParser) -> None:
     """Options of the ``segment`` subcommand."""
     from .prompts import DEFAULT_GENERATOR
+    from .sam.names import BACKEND_NAMES, DEFAULT_SAM
 
     p.add_argument("image", help="CT/MRI volume: NIfTI, NRRD, MHA, or a DICOM series folder.")
     p.add_argument("--example", required=True, help="Label map in the image's geometry with the target painted on one or a few slices.")
@@ -62,7 +63,8 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts-in", default=None, help="Re-run SAM from an (edited) prompts JSON instead of generating prompts.")
     p.add_argument("--overlay-out", default=None, help="Write a PNG montage of the result for a quick visual check.")
     p.add_argument("--generator", default=DEFAULT_GENERATOR, help=f"Prompt generator (default {DEFAULT_GENERATOR}).")
-    p.add_argument("--sam", default="litemedsam", help="SAM model: litemedsam (embedded default), vit_h, vit_l, vit_b, vit_t, or a checkpoint path.")
+    p.add_argument("--sam", default=DEFAULT_SAM, help=f"SAM model: {', '.join(BACKEND_NAMES)} (default {DEFAULT_SAM}; "
+                   "litemedsam-points follows points; vit_t is MobileSAM, obtained and verified on first use), or a checkpoint path.")
     p.add_argument("--sam-checkpoint", default=None, help="Checkpoint for --sam NAME: a local path, hf:owner/repo/file or owner/repo:file.")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda.")
     p.add_argument("--range", default="auto", help="'auto' (find the target's extent) or FIRST:LAST slice numbers along the slicing axis.")

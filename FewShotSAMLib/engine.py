@@ -20,6 +20,7 @@ import numpy as np
 from .errors import CancelledError, UserInputError
 from .prompts import DEFAULT_GENERATOR, Prompts, QueryContext, Support, make_generator
 from .prompts.base import PromptGenerator
+from .sam.names import DEFAULT_SAM
 from .threads import single_threaded_blas
 from .shape import ShapeRules, analyse_slice, fill_holes, holes, inner_point, overlap_fraction
 from .slices import PreparedVolume
@@ -198,7 +199,7 @@ class VolumeSession:
     ``intensity`` defaults to a CT window for Hounsfield data and robust percentiles otherwise.
     """
 
-    def __init__(self, image: np.ndarray, spacing: Sequence[float], *, sam="litemedsam", device: str = "auto",
+    def __init__(self, image: np.ndarray, spacing: Sequence[float], *, sam=DEFAULT_SAM, device: str = "auto",
                  intensity: Optional[Intensity] = None, metadata: Optional[dict] = None,
                  cache=None, cache_cap_bytes: Optional[int] = None) -> None:
         if image.ndim != 3:
@@ -604,7 +605,7 @@ class VolumeSession:
 
 
 def segment_volume(image: np.ndarray, spacing: Sequence[float], example_mask: np.ndarray, *,
-                   generator: Union[str, PromptGenerator] = DEFAULT_GENERATOR, sam="litemedsam",
+                   generator: Union[str, PromptGenerator] = DEFAULT_GENERATOR, sam=DEFAULT_SAM,
                    device: str = "auto", extent: Extent = "auto", intensity: Optional[Intensity] = None,
                    metadata: Optional[dict] = None, progress: Optional[Progress] = None,
                    cancel: Optional[Callable[[], bool]] = None) -> SegmentationResult:

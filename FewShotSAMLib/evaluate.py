@@ -16,6 +16,9 @@ Protocols (see docs/RESULTS.md for the numbers):
   true slices missed.
 - Aggregation: mean over volumes per organ, then over the four organs = the fold's score; mean and
   standard deviation (population) over folds. Dice in percent.
+- ``clicks``: the product protocol's start, then rounds of one simulated corrective click per slice
+  (``clickbench.py``); every volume once (no folds: nothing here is trained on these labels). With
+  ``--image``/``--label`` a single labelled volume (e.g. the TotalSegmentator CT) and any label numbers.
 - Settings (for methods that train, i.e. FoB): 1 = training may see the test organs unlabeled; 2 = the
   training slices holding any of the four test organs are excluded. Training-free methods ignore it.
 - FoB: ``FoBGenerator(weights=path)`` from ``prompts/fob.py`` with the fold's model at
@@ -35,6 +38,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from .errors import UserInputError
+from .sam.names import BACKEND_NAMES, DEFAULT_SAM
 from .threads import single_threaded_blas
 from .volume import atomic_write, atomic_write_text
 
@@ -117,8 +121,9 @@ def target_mask(label: np.ndarray, organ: int) -> np.ndarray:
     return np.isin(label, COMBINED[organ][1]) if organ in COMBINED else label == organ
 
 
-def parse_organs(text: str) -> list[int]:
-    """'1,2,3,4' or '2+3' (both kidneys as one target) -> target keys."""
+def parse_organs(text: str, any_label: bool = False) -> list[int]:
+    """'1,2,3,4' or '2+3' (both kidneys as one target) -> target keys; with ``any_label`` every label
+    number is accepted (a single labelled volume of another dataset)."""
     keys = []
     for token in (t.strip() for t in str(text).split(",")):
         if not token:
@@ -129,7 +134,7 @@ def parse_organs(text: str) -> list[int]:
             if key is None:
                 raise UserInputError(f"--organs: '{token}' is not a known combined target; use 2+3 (both kidneys).")
             keys.append(key)
-        elif token.isdigit() and int(token) in ORGANS:
+        elif token.isdigit() and (any_label or int(token) in ORGANS):
             keys.append(int(token))
         else:
             raise UserInputError(f"--organs: '{token}' is not one of 1, 2, 3, 4 (liver, right kidney, left kidney, "
@@ -362,6 +367,41 @@ def evaluate(store: CaseStore, protocol: str, methods: Sequence[str], folds: dic
     return out
 
 
+@single_threaded_blas()
+def evaluate_clicks(store: CaseStore, methods: Sequence[str], organs: Sequence[int], rounds: int,
+                    progress: Optional[Callable[[str], None]] = None, targets_desc: str = "") -> dict:
+    """The click benchmark (``clickbench.py``) for ``methods`` on every volume of ``store`` and ``organs``."""
+    from . import clickbench
+    from .engine import VolumeSession
+
+    names = [clickbench.organ_name(TARGET_NAMES, o) for o in organs]
+    out = {"protocol": "clicks", "sam": store.backend.name, "rounds": int(rounds), "organs": names,
+           "volumes_ids": store.ids, "targets_desc": targets_desc, "methods": {}, "complete": False}
+    for name in methods:
+        gen = make_method(name, 0, 1)
+        if gen is None:
+            raise UserInputError(f"The clicks protocol needs the generator '{name}' ready to use (FoB weights missing).")
+        records = []
+        for organ, oname in zip(organs, names):
+            for vid in store.ids:
+                case = store.get(vid)
+                truth = target_mask(case.label, organ)
+                sl = organ_slices(case.label, organ)
+                if not len(sl):
+                    continue
+                example = np.zeros_like(truth)
+                painted = int(sl[len(sl) // 2])
+                example[painted] = truth[painted]
+                session = VolumeSession(case.image, case.spacing, sam=store.backend,
+                                        intensity=case.prepared.intensity, cache=store.cache)
+                result = clickbench.click_session(session, example, truth, gen, rounds)
+                clickbench.log_target(store.backend.name, name, vid, oname, result, progress)
+                records.append(clickbench.record(vid, oname, result, rounds))
+        out["methods"][name] = clickbench.summarise_clicks(records, names)
+    out["complete"] = True
+    return out
+
+
 def summarise(records: list[dict], s_per_slice: float, organ_names: Sequence[str]) -> dict:
     """Per-fold, per-organ and overall means (Dice %) of per-volume records, std over folds."""
     folds = sorted({r["fold"] for r in records})
@@ -432,10 +472,13 @@ def markdown_table(result: dict) -> str:
 
 def write_report_section(path: str | Path, result: dict) -> None:
     """Replace (or append) the marked section of this protocol/setting in a Markdown file."""
-    p = Path(path)
-    tag = f"evaluate:{result['protocol']}:setting{result['setting']}"
+    _replace_section(Path(path), f"evaluate:{result['protocol']}:setting{result['setting']}", markdown_table(result))
+
+
+def _replace_section(p: Path, tag: str, table: str) -> None:
+    """Replace (or append) the section between ``<!-- tag -->`` and ``<!-- /tag -->`` of a Markdown file."""
     start, end = f"<!-- {tag} -->", f"<!-- /{tag} -->"
-    block = f"{start}\n{markdown_table(result)}{end}\n"
+    block = f"{start}\n{table}{end}\n"
     text = p.read_text() if p.exists() else ""
     if start in text and end in text:
         a = text.index(start)
@@ -480,15 +523,20 @@ def plot(result: dict, path: str | Path) -> None:
 # ----------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``python -m FewShotSAMLib evaluate``."""
-    parser.add_argument("--data", required=True, help="folder with image_<id>.nii.gz and label_<id>.nii.gz (CHAOS T2)")
-    parser.add_argument("--protocol", default="fewshot", choices=["fewshot", "product"])
+    parser.add_argument("--data", help="folder with image_<id>.nii.gz and label_<id>.nii.gz (CHAOS T2)")
+    parser.add_argument("--image", help="instead of --data (protocol clicks): one image file ...")
+    parser.add_argument("--label", help="... and its label map; --organs then takes any label numbers")
+    parser.add_argument("--protocol", default="fewshot", choices=["fewshot", "product", "clicks"])
+    parser.add_argument("--rounds", type=int, default=3, help="corrective click rounds (protocol clicks)")
+    parser.add_argument("--plot-with", nargs="*", default=[], metavar="JSON",
+                        help="protocol clicks: earlier click results (other backends) drawn in the same --plot")
     parser.add_argument("--methods", default=",".join(TRAINING_FREE),
                         help="comma-separated generators: fob,persam,p2sam,synpo,boxprop,coarse")
     parser.add_argument("--folds", default="0-4", help="folds to run, e.g. 0-4 or 0,2")
     parser.add_argument("--setting", type=int, default=1, choices=[1, 2], help="1 or 2 (which FoB models)")
     parser.add_argument("--organs", default="1,2,3,4", help="labels to evaluate (1 liver, 2 right kidney, 3 left "
                         "kidney, 4 spleen; 2+3 = both kidneys painted and scored as one target)")
-    parser.add_argument("--sam", default="litemedsam", help="SAM backend name")
+    parser.add_argument("--sam", default=DEFAULT_SAM, help=f"SAM backend: {', '.join(BACKEND_NAMES)} or a checkpoint")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--cache-dir", default=".cache/embeddings", help="persistent embedding cache")
     parser.add_argument("--fob-weights", default=FOB_WEIGHTS_PATTERN,
@@ -563,8 +611,15 @@ def run(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in GENERATORS]
     if unknown or not methods:
         raise UserInputError(f"Unknown method(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(GENERATORS)}.")
-    organs = parse_organs(args.organs)
+    single = bool(args.image or args.label)
+    if single and (args.protocol != "clicks" or not (args.image and args.label) or args.data):
+        raise UserInputError("--image and --label go together, with --protocol clicks and without --data.")
+    if not single and not args.data:
+        raise UserInputError("Pass --data (a CHAOS-style folder), or --image and --label with --protocol clicks.")
+    organs = parse_organs(args.organs, any_label=single)
     check_output_path(args.json, "JSON output")
+    if args.protocol == "clicks":
+        return _run_clicks(args, methods, organs)
     previous = load_for_merge(args.json, args.protocol, args.setting, args.sam, args.folds) if args.merge else None
     for extra in (args.report, args.plot):
         if extra:
@@ -599,6 +654,55 @@ def run(args: argparse.Namespace) -> int:
         log.info("%s: %.2f ± %.2f Dice %% (%s), %.3f s/slice", name, m["mean"], m["std_over_folds"],
                  ", ".join(f"{k} {v:.1f}" for k, v in m["per_organ"].items()), m["s_per_slice"])
     log.info("wall time %.1f s, %d slices encoded", result["wall_seconds"], result["encoded_slices"])
+    return 0
+
+
+def _run_clicks(args: argparse.Namespace, methods: Sequence[str], organs: Sequence[int]) -> int:
+    """``evaluate --protocol clicks``: JSON, and the Markdown table / chart when asked."""
+    from . import clickbench
+    from .sam import load_backend
+    from .sam.cache import EmbeddingCache
+    from .volume import check_output_path
+
+    for extra in (args.report, args.plot):
+        if extra:
+            check_output_path(extra)
+    if args.rounds < 1:
+        raise UserInputError("--rounds must be at least 1.")
+    others = []
+    for path in args.plot_with:
+        try:
+            others.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as exc:
+            raise UserInputError(f"--plot-with: {path} is not a click result written by evaluate ({exc}).") from None
+        if others[-1].get("protocol") != "clicks":
+            raise UserInputError(f"--plot-with: {path} is not a click result (protocol {others[-1].get('protocol')}).")
+    if args.image:
+        for path in (args.image, args.label):
+            if not Path(path).is_file():
+                raise UserInputError(f"{path} does not exist; pass an image and its label map.")
+        cases = [(0, Path(args.image), Path(args.label))]
+        desc = f"{Path(args.image).name}, labels {', '.join(str(o) for o in organs)}"
+    else:
+        cases = list_cases(args.data)
+        desc = f"{len(cases)} volumes of {Path(args.data).name}, every volume once"
+    backend = load_backend(args.sam, args.device)
+    cache = EmbeddingCache(backend, cap_bytes=256 << 20, persist_dir=args.cache_dir)
+    store = CaseStore(cases, backend, cache)
+    t0 = time.perf_counter()
+    result = evaluate_clicks(store, methods, organs, args.rounds, progress=lambda msg: log.info("%s", msg),
+                             targets_desc=desc)
+    result["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    atomic_write_text(args.json, json.dumps(result, indent=1))
+    if args.report:
+        p = Path(args.report)
+        tag = f"evaluate:clicks:{result['sam']}:{Path(args.image).name if args.image else Path(args.data).name}"
+        _replace_section(p, tag, clickbench.markdown_clicks(result))
+    if args.plot:
+        clickbench.plot_clicks(others + [result], args.plot, f"corrective clicks, {desc}")
+    for name, m in result["methods"].items():
+        log.info("%s %s: Dice per round %s; NoC@85 %.2f, NoC@90 %.2f", result["sam"], name,
+                 " -> ".join(f"{d:.2f}" for d in m["dice_per_round"]), m["noc85"], m["noc90"])
     return 0
 
 

