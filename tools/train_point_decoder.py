@@ -5,11 +5,15 @@ backend (FewShotSAMLib/sam/checkpoints/); docs/POINTS.md has the figures and wha
 Prompts are simulated the way they reach SAM in this product:
 - ``box``: a (jittered) box alone; its target is the label mask, or, on self-supervised superpixel targets,
   the original LiteMedSAM's own answer to that box (so box answers stay what they were);
-- ``box+clicks``: a box, then 1-3 corrective clicks simulated with the model being trained (``clicks.py``:
-  the most interior pixel of the largest error region), as in SAM's and RITM's interactive training;
+- ``box+clicks``: a box, then 1-3 corrective clicks (``clicks.py``: the most interior pixel of the largest
+  error region), the first against the embedded LiteMedSAM's box answer (what ``litemedsam-points``
+  shows before any click), each next one against the previous answer, every answer in the loss (SAM's
+  and RITM's interactive training, unrolled);
 - ``points``: one foreground point inside the target, then 0-3 corrective clicks (no box);
-- ``ring``: a box or none, foreground points inside and background points on a ring just outside the
-  target (what FoB produces), and a background point in each hole of the target.
+- ``ring``: a box, foreground points inside and background points on a ring just outside the target
+  (what FoB produces), and a background point in a hole of the target;
+- ``remove``: a box with 1-2 background clicks on its answer and an empty target (a slice past the
+  target's end, where the user's background click removes what propagation left).
 
 Masks to learn from, none of them a label that a reported figure is measured on:
 - superpixels (Felzenszwalb, on each model-frame slice) of the CHAOS images: self-supervised, no label read;
@@ -52,8 +56,8 @@ from FewShotSAMLib.clicks import corrective_click, interior_point  # noqa: E402
 log = logging.getLogger("train_point_decoder")
 
 EXCLUDED_TOTALSEG_LABELS = (30, 31, 32)  # the vertebrae the click benchmark and the hole test measure on
-MODES = ("box", "box+clicks", "points", "ring")
-MODE_WEIGHTS = (0.25, 0.3, 0.25, 0.2)
+MODES = ("box", "box+clicks", "points", "ring", "remove")
+MODE_WEIGHTS = (0.15, 0.35, 0.2, 0.2, 0.1)
 TRAINED_PREFIXES = ("mask_decoder.", "prompt_encoder.point_embeddings.", "prompt_encoder.not_a_point_embed.")
 
 
@@ -290,19 +294,16 @@ def tokens_of(prompt_encoder: torch.nn.Module, sets: Sequence[PromptSet]) -> tor
     return sparse_tokens(prompt_encoder, torch.tensor(coords, dtype=torch.float32), torch.tensor(kinds))
 
 
-def add_corrective_clicks(model: torch.nn.Module, emb: torch.Tensor, sets: list[PromptSet], rounds: int) -> None:
-    """Simulate ``rounds`` corrective clicks on every prompt set with the current model (no gradient)."""
-    for _ in range(rounds):
-        with torch.no_grad():
-            logits, _ = decode_batch(model, emb, tokens_of(model.prompt_encoder, sets))
-        for s, lg in zip(sets, logits.numpy()):
-            click = corrective_click(lg > 0, s.target, s.valid)
-            if click is None:  # exact already: repeat the interior foreground point
-                click_point, fg = interior_point(s.target), True
-            else:
-                click_point, fg = click.point, click.foreground
-            s.points.append(click_point)
-            s.labels.append(1 if fg else 0)
+def add_corrective_clicks(sets: list[PromptSet], predictions: np.ndarray) -> None:
+    """One corrective click per prompt set against its target, given the current predictions (bool (B, S, S))."""
+    for s, pred in zip(sets, predictions):
+        click = corrective_click(pred, s.target, s.valid)
+        if click is None:  # exact already: repeat the interior foreground point (or a corner, target empty)
+            point, fg = (interior_point(s.target), True) if s.target.any() else ((0, 0), False)
+        else:
+            point, fg = click.point, click.foreground
+        s.points.append(point)
+        s.labels.append(1 if fg else 0)
 
 
 def seg_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -333,49 +334,89 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return params
 
 
-def train_step(model, reference, optimizer, data: Sequence[SliceTargets], rng: np.random.Generator,
-               batch: int) -> dict:
-    """One optimisation step on ``batch`` prompt sets of one randomly drawn mode; returns the loss terms."""
-    mode = MODES[int(rng.choice(len(MODES), p=MODE_WEIGHTS))]
-    clicks = int(rng.integers(1, 4)) if mode == "box+clicks" else int(rng.integers(0, 4))
-    n_ring, n_fg = int(rng.integers(2, 9)), int(rng.integers(1, 4))
-    items = [data[int(i)] for i in rng.integers(len(data), size=batch)]
-    sets = []
-    for it in items:
-        target = it.targets[int(rng.integers(len(it.targets)))]
-        s = sample_prompt_set(mode, target, it.valid, rng, clicks, n_ring, n_fg)
-        if mode == "ring":
-            for p in hole_points(target)[:1]:  # a hole gets a background point (replacing a ring point)
-                s.points[-1] = p
-        sets.append(s)
-    emb = torch.stack([it.embedding for it in items]).float()
-    if mode == "box" and reference is not None:
-        with torch.no_grad():
-            ref, _ = decode_batch(reference, emb, tokens_of(reference.prompt_encoder, sets))
-        for s, it, r in zip(sets, items, ref):
-            if it.distill:
-                s.soft = torch.sigmoid(r).numpy()
-    add_corrective_clicks(model, emb, sets, sets[0].clicks)
-    model.train()
-    logits, iou = decode_batch(model, emb, tokens_of(model.prompt_encoder, sets))
-    targets = torch.from_numpy(np.stack([s.soft if s.soft is not None else s.target.astype(np.float32)
-                                         for s in sets]))
-    valid = torch.from_numpy(np.stack([s.valid for s in sets]).astype(np.float32))
+def _round_loss(logits: torch.Tensor, iou: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(segmentation loss, IoU-head loss, per-item hard intersection/union terms for logging)."""
     seg = seg_loss(logits, targets, valid).mean()
     with torch.no_grad():
         pred = (logits > 0).float() * valid
         hard = (targets > 0.5).float() * valid
         inter = (pred * hard).sum((1, 2))
-        true_iou = inter / ((pred + hard).clamp(max=1).sum((1, 2)) + 1e-6)
-    iou_loss = F.mse_loss(iou, true_iou)
+        union = (pred + hard).clamp(max=1).sum((1, 2))
+        true_iou = torch.where(union > 0, inter / union.clamp(min=1e-6), torch.ones_like(union))
+    return seg, F.mse_loss(iou, true_iou), torch.stack([inter.sum(), pred.sum() + hard.sum()])
+
+
+def train_step(model, reference, optimizer, data: Sequence[SliceTargets], rng: np.random.Generator,
+               batch: int) -> dict:
+    """One optimisation step on ``batch`` prompt sets of one randomly drawn mode; returns the loss terms.
+
+    Interactive modes are unrolled as at inference: ``box+clicks`` and ``remove`` start from the embedded
+    LiteMedSAM's box answer (what ``litemedsam-points`` gives for a box alone), ``points`` from one
+    foreground point; each corrective click is placed against the previous answer, and every answer after
+    a click is in the loss (SAM's interactive training)."""
+    mode = MODES[int(rng.choice(len(MODES), p=MODE_WEIGHTS))]
+    clicks = {"box+clicks": int(rng.integers(1, 4)), "points": int(rng.integers(0, 4)),
+              "remove": int(rng.integers(1, 3))}.get(mode, 0)
+    n_ring, n_fg = int(rng.integers(2, 9)), int(rng.integers(1, 4))
+    items = [data[int(i)] for i in rng.integers(len(data), size=batch)]
+    sets = []
+    for it in items:
+        target = it.targets[int(rng.integers(len(it.targets)))]
+        s = sample_prompt_set("box+clicks" if mode == "remove" else mode, target, it.valid, rng, clicks, n_ring, n_fg)
+        if mode == "ring":
+            for p in hole_points(target)[:1]:  # a hole gets a background point (replacing a ring point)
+                s.points[-1] = p
+        if mode == "remove":  # a slice past the target's end: the user's background clicks remove the answer
+            s.target = np.zeros_like(target)
+        sets.append(s)
+    emb = torch.stack([it.embedding for it in items]).float()
+    valid = torch.from_numpy(np.stack([s.valid for s in sets]).astype(np.float32))
+    model.train()
+
+    def forward():
+        return decode_batch(model, emb, tokens_of(model.prompt_encoder, sets))
+
+    def hard_targets():
+        return torch.from_numpy(np.stack([s.target.astype(np.float32) for s in sets]))
+
+    terms = []
+    if mode in ("box", "ring"):
+        if mode == "box" and reference is not None:
+            with torch.no_grad():
+                ref, _ = decode_batch(reference, emb, tokens_of(reference.prompt_encoder, sets))
+            for s, it, r in zip(sets, items, ref):
+                if it.distill:
+                    s.soft = torch.sigmoid(r).numpy()
+        logits, iou = forward()
+        targets = torch.from_numpy(np.stack([s.soft if s.soft is not None else s.target.astype(np.float32)
+                                             for s in sets]))
+        terms.append(_round_loss(logits, iou, targets, valid))
+    else:
+        if mode == "points":
+            logits, iou = forward()
+            terms.append(_round_loss(logits, iou, hard_targets(), valid))
+            previous = logits.detach().numpy() > 0
+        else:
+            with torch.no_grad():
+                ref_model = reference if reference is not None else model
+                previous = decode_batch(ref_model, emb, tokens_of(ref_model.prompt_encoder, sets))[0].numpy() > 0
+        for _ in range(clicks):
+            add_corrective_clicks(sets, previous)
+            logits, iou = forward()
+            terms.append(_round_loss(logits, iou, hard_targets(), valid))
+            previous = logits.detach().numpy() > 0
+    seg = torch.stack([t[0] for t in terms]).mean()
+    iou_loss = torch.stack([t[1] for t in terms]).mean()
     loss = seg + iou_loss
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
     optimizer.step()
     model.eval()
-    return {"mode": mode, "clicks": sets[0].clicks, "loss": loss.item(), "seg": seg.item(), "iou": iou_loss.item(),
-            "dice": float(2 * inter.sum() / (pred.sum() + hard.sum() + 1e-6) * 100)}
+    inter, total = terms[-1][2]
+    return {"mode": mode, "clicks": clicks, "loss": loss.item(), "seg": seg.item(), "iou": iou_loss.item(),
+            "dice": float(2 * inter / total * 100) if total > 0 else 100.0}
 
 
 def _atomic_save(obj, path: Path) -> None:

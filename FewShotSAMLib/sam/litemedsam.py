@@ -1,9 +1,15 @@
 """LiteMedSAM (TinyViT encoder, 256x256 input): the embedded weights (box-trained) and ``litemedsam-points``,
 the same image encoder with a prompt encoder and mask decoder fine-tuned here to follow points
-(tools/train_point_decoder.py; weights in ``checkpoints/`` beside this file, SHA-256 in their metadata)."""
+(tools/train_point_decoder.py; weights in ``checkpoints/`` beside this file, SHA-256 in their metadata).
+
+``litemedsam-points`` decodes a prompt set with points (corrective clicks, background points in holes,
+FoB's points) with the fine-tuned decoder, and a box alone with the embedded one: box answers, what box
+propagation gives on every slice, stay exactly LiteMedSAM's (the fine-tuned decoder's own box answers
+measured lower, docs/POINTS.md)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import sys
@@ -14,7 +20,7 @@ from typing import Optional
 import torch
 
 from ..errors import UserInputError
-from .base import SamBackend
+from .base import DecodeResult, SamBackend
 from .weights import embedded_litemedsam_path, load_state_dict, verify_file
 
 log = logging.getLogger(__name__)
@@ -110,6 +116,24 @@ def build_litemedsam_model() -> torch.nn.Module:
     return _import_build_lite_medsam()()
 
 
+class _SamParts(torch.nn.Module):
+    """An image encoder, prompt encoder and mask decoder as one SAM-like module (shared, not copied)."""
+
+    def __init__(self, image_encoder: torch.nn.Module, prompt_encoder: torch.nn.Module,
+                 mask_decoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.image_encoder, self.prompt_encoder, self.mask_decoder = image_encoder, prompt_encoder, mask_decoder
+
+
+class _BoxDecoder(SamBackend):
+    """The embedded LiteMedSAM's prompt encoder and mask decoder over the point-aware variant's image
+    encoder (shared): what ``litemedsam-points`` decodes a box alone with. It never encodes."""
+
+    name = "litemedsam"
+    input_size = 256
+    prefers_box = True
+
+
 class LiteMedSAMBackend(SamBackend):
     """LiteMedSAM: frames scaled to [0, 1], 3 channels, 256x256; embedding 256x64x64. ``variant``
     'litemedsam-points' loads the point-aware decoder over the same image encoder (so both share their
@@ -138,15 +162,29 @@ class LiteMedSAMBackend(SamBackend):
                 f"The checkpoint {path} does not fit LiteMedSAM's architecture (its keys or shapes differ); "
                 "pass a LiteMedSAM checkpoint or choose the matching --sam model."
             ) from exc
+        box_parts = None
         if decoder_path is not None:
             decoder = torch.load(str(decoder_path), map_location="cpu", weights_only=True)
             missing = [k for k in decoder if k not in state]
             if missing:
                 raise UserInputError(f"The {variant} weights {decoder_path} do not fit LiteMedSAM; reinstall FewShotSAM.")
+            box_parts = copy.deepcopy(model.prompt_encoder), copy.deepcopy(model.mask_decoder)
             model.load_state_dict({k: v.float() for k, v in decoder.items()}, strict=False)
             self.name, self.encoder_name = variant, "litemedsam"
         self.checkpoint = str(path)
         self.decoder_checkpoint = str(decoder_path) if decoder_path else None
         super().__init__(model, device, precision=precision, fuse=fuse, channels_last=channels_last,
                          compile=compile, runtime=runtime, decoder_runtime=decoder_runtime)
+        self._box_decoder: Optional[_BoxDecoder] = None
+        if box_parts is not None:
+            self._box_decoder = _BoxDecoder(_SamParts(self.model.image_encoder, *box_parts), self.device,
+                                            precision=self.precision, runtime="torch",
+                                            decoder_runtime=self._decoder_runtime_asked)
         log.info("LiteMedSAM loaded from %s (%s)", path, self.describe())
+
+    def decode(self, embedding: torch.Tensor, prompts, multimask: bool = False) -> DecodeResult:
+        """SamBackend.decode; in ``litemedsam-points`` a box alone goes to the embedded decoder."""
+        if (self._box_decoder is not None and not len(prompts.fg_points) and not len(prompts.bg_points)
+                and prompts.mask_input is None):
+            return self._box_decoder.decode(embedding, prompts, multimask)
+        return super().decode(embedding, prompts, multimask)
