@@ -204,6 +204,8 @@ class FewShotSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.overwriteRadioButton.checked = p.overwriteOutput
             self.ui.newSegmentRadioButton.checked = not p.overwriteOutput
             if p.generator:
+                if self.ui.generatorComboBox.findText(p.generator) < 0:  # set from the console or an older scene
+                    self.ui.generatorComboBox.addItem(p.generator)
                 self.ui.generatorComboBox.setCurrentText(p.generator)
             self.ui.samModelComboBox.setCurrentText(p.samModel or DEFAULT_SAM)
             self.ui.deviceComboBox.setCurrentText(p.device or "auto")
@@ -329,9 +331,10 @@ class FewShotSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.setValue(self.ui.progressBar.maximum)
             self.setStatus(f"Done: {len(result.segmented_slices)} slices segmented with {self.logic.last_generator} "
                            f"in {time.time() - self._t0:.1f} s.")
-        except CancelledError:
+        except CancelledError as exc:  # Cancel, or the scene closed / an input removed during the run
             self.ui.progressBar.setValue(0)
-            self.setStatus("Cancelled: the scene was left as it was.")
+            stopped = str(exc).startswith("Stopped:")
+            self.setStatus(str(exc) if stopped else "Cancelled: the scene was left as it was.")
         except UserInputError as exc:
             self.setStatus(str(exc), error=True)
         except Exception as exc:  # noqa: BLE001 - shown to the user with the details

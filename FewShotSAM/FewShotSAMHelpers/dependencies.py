@@ -204,9 +204,14 @@ def slicer_pip(requirements: list, constraints: str) -> None:
         packaging = None
     pip_ensure = getattr(packaging, "pip_ensure", None)
     if pip_ensure is not None:
+        import inspect
+
         from packaging.requirements import Requirement
 
-        pip_ensure([Requirement(r) for r in requirements], constraints=constraints, prompt_install=False,
-                   requester="Segment from one example", show_progress=True)
+        # the keywords of this Slicer's pip_ensure (the consent was asked already, for everything at once)
+        accepted = inspect.signature(pip_ensure).parameters
+        options = {"constraints": constraints, "prompt_install": False, "prompt": False,
+                   "requester": "Segment from one example", "show_progress": True}
+        pip_ensure([Requirement(r) for r in requirements], **{k: v for k, v in options.items() if k in accepted})
     else:
         slicer.util.pip_install(list(requirements) + ["-c", constraints])

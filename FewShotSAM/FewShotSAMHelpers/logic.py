@@ -104,7 +104,7 @@ class SegmentFromExampleLogic:
         self.last_result = None
         self.last_generator = ""
         self.busy = False
-        self._watched: dict = {}  # scene address -> (scene, observer tags)
+        self._watched: dict = {}  # scene address -> (weak reference to the scene, observer tags)
         self._run_inputs: tuple = ()  # the nodes a run in progress reads
         self._stop_reason: Optional[str] = None
 
