@@ -251,7 +251,11 @@ def test_output_segment_never_alters_the_painted_example(scene):
     example = np.zeros(arr.shape, bool)
     example[2, 1:6, 2:8] = True
     LM.set_segment_mask(seg, ex, vol, example)
+    other = seg.GetSegmentation().AddEmptySegment("", "other", [0, 0, 1])  # shares the example's layer
+    stamps = {sid: LM.labelmap_stamp(seg, sid) for sid in (ex, other)}
     out = LM.add_output_segment(seg, "output", (0, 1, 0))
+    assert {sid: LM.labelmap_stamp(seg, sid) for sid in (ex, other)} == stamps  # no other labelmap touched
+    assert seg.GetSegmentation().GetSegment(out).GetName() == "output"
     result = np.zeros(arr.shape, bool)
     result[1:4, 0:7, 0:9] = True  # overlaps the example everywhere on slice 2
     LM.set_segment_mask(seg, out, vol, result)

@@ -289,11 +289,18 @@ def _write_run(segmentation_node, segment_id: str, volume_node, axis: int, lo: i
 
 
 def add_output_segment(segmentation_node, name: str, color: Sequence[float]) -> str:
-    """A new empty segment in its own labelmap layer (so writing it never touches other segments)."""
+    """A new empty segment in a labelmap layer of its own, added without touching the existing layers (so
+    neither adding nor writing it changes another segment's labelmap, which Undo compares)."""
     ensure_segmentation_converters()
     seg = segmentation_node.GetSegmentation()
-    segment_id = seg.AddEmptySegment("", name, list(color))
-    seg.SeparateSegmentLabelmap(segment_id)
+    segment = slicer.vtkSegment()
+    segment.SetName(name)
+    segment.SetColor(*[float(c) for c in color])
+    segment.AddRepresentation(slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName(),
+                              slicer.vtkOrientedImageData())
+    segment_id = seg.GenerateUniqueSegmentID(name)
+    if not seg.AddSegment(segment, segment_id):
+        raise RuntimeError(f"Could not add the segment '{name}' to '{segmentation_node.GetName()}'.")
     return segment_id
 
 
