@@ -209,7 +209,8 @@ def write_in_place(segmentation_node, segment, volume_node, axis: int, slices: d
             need_lo[a] = lo if need_lo[a] is None else min(need_lo[a], lo)
             need_hi[a] = hi if need_hi[a] is None else max(need_hi[a], hi)
     label = segment.GetLabelValue()
-    arr, start = _labelmap_view(labelmap, volume_node)
+    segment_id = segmentation.GetSegmentIdBySegment(segment)
+    arr, start = _labelmap_view(segmentation_node, segment_id, volume_node)
     # another segment of a shared labelmap under a mask voxel: checked before anything is changed (voxels
     # outside the labelmap's extent are empty, so the check needs only the labelmap as it is)
     for k, mask in masks.items():
@@ -219,7 +220,7 @@ def write_in_place(segmentation_node, segment, volume_node, axis: int, slices: d
     if any(need_lo[a] is not None and (need_lo[a] < start[a] or need_hi[a] >= start[a] + arr.shape[a])
            for a in range(3)):
         _grow_labelmap(labelmap, volume_node, arr, start, need_lo, need_hi)
-        arr, start = _labelmap_view(labelmap, volume_node)
+        arr, start = _labelmap_view(segmentation_node, segment_id, volume_node)
     for k, mask in masks.items():
         sheet, inside = _mask_on_sheet(arr, start, axis, k, mask)  # the labelmap now holds every mask voxel
         sheet[(sheet == label) & ~inside] = 0
@@ -246,12 +247,15 @@ def _mask_on_sheet(arr: np.ndarray, start: np.ndarray, axis: int, k: int, mask: 
     return sheet, inside
 
 
-def _labelmap_view(labelmap, volume_node) -> tuple[np.ndarray, np.ndarray]:
-    """The labelmap's voxels (numpy order, a view) and the volume's numpy index of its first voxel (the
-    labelmap on the volume's grid, see ``same_grid``)."""
+def _labelmap_view(segmentation_node, segment_id: str, volume_node) -> tuple[np.ndarray, np.ndarray]:
+    """The segment's internal labelmap voxels (numpy order, a view:
+    ``slicer.util.arrayFromSegmentInternalBinaryLabelmap``) and the volume's numpy index of its first voxel
+    (the labelmap on the volume's grid, see ``same_grid``)."""
+    labelmap = segmentation_node.GetBinaryLabelmapInternalRepresentation(segment_id)
     offset_ijk = np.round(voxel_offset(*grid_matrices(labelmap, volume_node))).astype(int)
     ext = labelmap.GetExtent()
-    return oriented_image_array(labelmap), np.array([ext[4], ext[2], ext[0]]) + offset_ijk[::-1]
+    return (slicer.util.arrayFromSegmentInternalBinaryLabelmap(segmentation_node, segment_id),
+            np.array([ext[4], ext[2], ext[0]]) + offset_ijk[::-1])
 
 
 def _grow_labelmap(labelmap, volume_node, arr: np.ndarray, start: np.ndarray, need_lo: list, need_hi: list) -> None:
