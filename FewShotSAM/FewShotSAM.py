@@ -470,44 +470,48 @@ class FewShotSAMTest(ScriptedLoadableModuleTest):
         import numpy as np
 
         logic = FewShotSAMLogic()
-        self.delayDisplay("Checking the Python packages")
-        self.assertTrue(logic.installDependencies(confirm=False))
-        self.delayDisplay("Creating a volume with an ellipsoid")
-        z, y, x = np.mgrid[0:5, 0:64, 0:64].astype(float)
-        truth = ((y - 30) / 14) ** 2 + ((x - 34) / 10) ** 2 + ((z - 2) / 3.0) ** 2 <= 1
-        rng = np.random.default_rng(0)
-        image = (100 + 20 * rng.standard_normal(truth.shape) + 500 * truth).astype(np.float32)
-        volume = slicer.util.addVolumeFromArray(image, ijkToRAS=np.diag([0.9, 0.9, 3.0, 1.0]), name="Ellipsoid")
-        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Segmentation")
-        segmentation.CreateDefaultDisplayNodes()
-        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-        exampleId = segmentation.GetSegmentation().AddEmptySegment("", "ellipsoid")
-        example = np.zeros(truth.shape, np.uint8)
-        example[2] = truth[2]
-        slicer.util.updateSegmentBinaryLabelmapFromArray(example, segmentation, exampleId, volume)
+        try:
+            self.delayDisplay("Checking the Python packages")
+            self.assertTrue(logic.installDependencies(confirm=False))
+            self.delayDisplay("Creating a volume with an ellipsoid")
+            z, y, x = np.mgrid[0:5, 0:64, 0:64].astype(float)
+            truth = ((y - 30) / 14) ** 2 + ((x - 34) / 10) ** 2 + ((z - 2) / 3.0) ** 2 <= 1
+            rng = np.random.default_rng(0)
+            image = (100 + 20 * rng.standard_normal(truth.shape) + 500 * truth).astype(np.float32)
+            volume = slicer.util.addVolumeFromArray(image, ijkToRAS=np.diag([0.9, 0.9, 3.0, 1.0]), name="Ellipsoid")
+            segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Segmentation")
+            segmentation.CreateDefaultDisplayNodes()
+            segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+            exampleId = segmentation.GetSegmentation().AddEmptySegment("", "ellipsoid")
+            example = np.zeros(truth.shape, np.uint8)
+            example[2] = truth[2]
+            slicer.util.updateSegmentBinaryLabelmapFromArray(example, segmentation, exampleId, volume)
 
-        self.delayDisplay("Segmenting from the painted middle slice")
-        outId = logic.segmentFromExample(volume, segmentation, exampleId, device="cpu")
-        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, outId, volume) > 0
-        dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
-        self.assertGreater(dice, 0.7)
-        painted = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, exampleId, volume)
-        self.assertTrue(np.array_equal(painted, example))
+            self.delayDisplay("Segmenting from the painted middle slice")
+            outId = logic.segmentFromExample(volume, segmentation, exampleId, device="cpu")
+            mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, outId, volume) > 0
+            dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
+            self.assertGreater(dice, 0.7)
+            painted = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, exampleId, volume)
+            self.assertTrue(np.array_equal(painted, example))
 
-        self.delayDisplay("Adding a background point re-segments only its slice")
-        editor = logic.editor(segmentation, outId)
-        self.assertIsNotNone(editor)
-        before = mask.copy()
-        backgroundList = logic.promptPointList(segmentation, outId, "background")
-        self.assertIs(backgroundList, editor.state.bg_node)
-        ras = index_to_ras(volume, [[1, 30, 34]])[0]
-        backgroundList.AddControlPoint(list(ras), "")
-        self.assertEqual(editor.last_rerun, [1])
-        after = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, outId, volume) > 0
-        self.assertTrue(np.array_equal(np.delete(after, 1, axis=0), np.delete(before, 1, axis=0)))
+            self.delayDisplay("Adding a background point re-segments only its slice")
+            editor = logic.editor(segmentation, outId)
+            self.assertIsNotNone(editor)
+            before = mask.copy()
+            backgroundList = logic.promptPointList(segmentation, outId, "background")
+            self.assertIs(backgroundList, editor.state.bg_node)
+            ras = index_to_ras(volume, [[1, 30, 34]])[0]
+            backgroundList.AddControlPoint(list(ras), "")
+            self.assertEqual(editor.last_rerun, [1])
+            after = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, outId, volume) > 0
+            self.assertTrue(np.array_equal(np.delete(after, 1, axis=0), np.delete(before, 1, axis=0)))
 
-        self.delayDisplay("Undo")
-        logic.undo()
-        restored = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, outId, volume) > 0
-        self.assertTrue(np.array_equal(restored, before))
+            self.delayDisplay("Undo")
+            logic.undo()
+            restored = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, outId, volume) > 0
+            self.assertTrue(np.array_equal(restored, before))
+        finally:  # the test's logic lets go of its editors, sessions and scene observers
+            logic.release()
+            logic.unwatch_scenes()
         self.delayDisplay(f"Test passed (Dice {dice:.3f})")

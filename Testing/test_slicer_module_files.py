@@ -62,6 +62,14 @@ def test_requirements_file_lists_every_pip_installed_module():
     assert "torchvision" in dependencies.REQUIRED_MODULES  # segment-anything imports it
 
 
+# The Extensions Index catalog-entry schema that FewShotSAM.json names (Slicer's
+# Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json): its required keys and its properties.
+CATALOG_SCHEMA = "https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json#"
+CATALOG_REQUIRED = ("$schema", "category", "scm_url")
+CATALOG_PROPERTIES = {"$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
+                      "build_dependencies": list, "build_subdirectory": str, "enabled": bool, "tier": int}
+
+
 def test_extension_metadata_has_no_placeholders_and_an_index_entry():
     import json
 
@@ -71,5 +79,42 @@ def test_extension_metadata_has_no_placeholders_and_an_index_entry():
     assert all(re.fullmatch(r"[^()]+ \([^()]+\)", c.strip()) for c in contributors.split(","))
     assert re.search(r"Slicer 5\.10", cmake)
     entry = json.loads((REPO / "FewShotSAM.json").read_text())
+    assert entry["$schema"] == CATALOG_SCHEMA
+    for key, value in entry.items():  # the schema allows no other key
+        assert key in CATALOG_PROPERTIES and isinstance(value, CATALOG_PROPERTIES[key]), key
+    assert entry.get("scm_type", "git") in ("git", "local") and entry.get("tier", 5) in (1, 3, 5)
     assert entry["build_dependencies"] == ["PyTorch"]
     assert entry["category"] == "Segmentation"
+    missing = [key for key in CATALOG_REQUIRED if key not in entry]
+    if "scm_url" in entry:
+        assert re.fullmatch(r"https://\S+", entry["scm_url"]) and "PLACEHOLDER" not in entry["scm_url"].upper()
+    else:  # not known before the repository is public: the entry is incomplete, and the docs say so
+        docs = (REPO / "docs" / "SLICER.md").read_text()
+        sentences = re.split(r"(?<=\.)\s+", " ".join(docs.split()))
+        assert any("`scm_url`" in s and "`FewShotSAM.json`" in s and "published" in s for s in sentences), \
+            "FewShotSAM.json has no scm_url and docs/SLICER.md does not say it is added on publication"
+        missing.remove("scm_url")
+    assert missing == [], f"FewShotSAM.json lacks the required {missing}"
+
+
+def test_pip_ensure_is_asked_to_install_in_testing_mode_too():
+    """Slicer 5.12's ``slicer.packaging.pip_ensure`` skips installing in testing mode unless told not to
+    (the self-test under CTest then fails with packages still missing); older signatures get only the
+    keywords they accept."""
+    import sys
+
+    sys.path.insert(0, str(MODULE_DIR))
+    from FewShotSAMHelpers.dependencies import pip_ensure_options
+
+    def pip_ensure_5_12(requirements, constraints=None, skip_packages=None, prompt_install=True,
+                        prompt_restart=True, requester=None, skip_in_testing=True, show_progress=True):
+        """The signature of slicer.packaging.pip_ensure in Slicer 5.12."""
+
+    def pip_ensure_without_testing_switch(requirements, constraints=None, prompt_install=True, requester=None):
+        """A pip_ensure that has no testing-mode switch."""
+
+    options = pip_ensure_options(pip_ensure_5_12, "/tmp/constraints.txt")
+    assert options == {"constraints": "/tmp/constraints.txt", "prompt_install": False,
+                       "requester": "Segment from one example", "show_progress": True, "skip_in_testing": False}
+    assert pip_ensure_options(pip_ensure_without_testing_switch, "c.txt") == {
+        "constraints": "c.txt", "prompt_install": False, "requester": "Segment from one example"}

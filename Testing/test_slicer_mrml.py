@@ -432,9 +432,15 @@ def test_adding_a_point_reruns_exactly_that_slice(run):
 
 def test_dragging_a_point_reruns_only_on_release(run):
     seg, vol, out, logic = run["seg"], run["vol"], run["out"], run["logic"]
-    s = logic.editor(seg, out).state
+    editor = logic.editor(seg, out)
+    s = editor.state
     node = s.bg_node
+    n_undo = len(logic.undo_stack.entries)
+    before_mask = LM.segment_mask(seg, out, vol)
+    before_pts = editor.current_points()
+    node.AddControlPoint(list(G.index_to_ras(vol, [[2, 34, 38]])[0]), "dragged")  # the point to drag
     idx = node.GetNumberOfControlPoints() - 1
+    assert editor.last_rerun == [2]
     Mk = slicer.vtkMRMLMarkupsNode
     with DecodeSpy(s.session) as spy:
         node.InvokeEvent(Mk.PointStartInteractionEvent)
@@ -447,6 +453,11 @@ def test_dragging_a_point_reruns_only_on_release(run):
         node.SetNthControlPointPosition(idx, *G.index_to_ras(vol, [[0, 30, 30]])[0])
         assert sorted(spy.calls[1:]) == [0, 2]
     assert node.GetNthControlPointLabel(idx) == "0"
+    while len(logic.undo_stack.entries) > n_undo:  # the move, the release, the added point
+        assert logic.undo().startswith("edit")
+    np.testing.assert_array_equal(LM.segment_mask(seg, out, vol), before_mask)
+    now = editor.current_points()
+    assert sorted(now) == sorted(before_pts) and all(now[k].same_as(before_pts[k]) for k in now)
 
 
 def test_undo_restores_the_segment_and_points(run):
@@ -489,6 +500,9 @@ def scene_fingerprint(scene, seg, vol):
 
 @pytest.mark.parametrize("threaded", [False, True])
 def test_cancel_within_one_slice_leaves_the_scene_unchanged(run, threaded):
+    """A cancel asked for during the run (here once the first progress is shown) always ends in
+    CancelledError with the scene unchanged, even when the worker finishes every slice before the next
+    poll (the embeddings are cached)."""
     seg, vol, logic, scene = run["seg"], run["vol"], run["logic"], run["scene"]
     before = scene_fingerprint(scene, seg, vol)
     ticks = []
@@ -500,9 +514,33 @@ def test_cancel_within_one_slice_leaves_the_scene_unchanged(run, threaded):
                                      progress=lambda d, t: ticks.append(d), cancel=lambda: len(ticks) >= 1)
     finally:
         logic.pump_events = None
-    assert len(ticks) == 1  # stopped after the first slice
+    assert len(ticks) == 1  # nothing is shown after the cancel
     assert scene_fingerprint(scene, seg, vol) == before
     assert not threaded or pumped
+
+
+def test_cancel_clicked_after_the_worker_finished_writes_nothing(run):
+    """The Cancel click that the GUI processes only after the worker finished its last slice (before the
+    run returned) still cancels: nothing is written."""
+    import threading
+
+    seg, vol, logic, scene = run["seg"], run["vol"], run["logic"], run["scene"]
+    before = scene_fingerprint(scene, seg, vol)
+    clicked = []
+
+    def pump_events() -> None:  # the click arrives once the worker thread is gone
+        if not any(t.name == "FewShotSAM" and t.is_alive() for t in threading.enumerate()):
+            clicked.append(1)
+
+    logic.pump_events = pump_events
+    try:
+        with pytest.raises(CancelledError):
+            logic.segmentFromExample(vol, seg, run["ex"], generator="boxprop", device="cpu",
+                                     cancel=lambda: bool(clicked))
+    finally:
+        logic.pump_events = None
+    assert clicked
+    assert scene_fingerprint(scene, seg, vol) == before
 
 
 def test_bad_input_messages(run):
@@ -741,6 +779,9 @@ def test_error_of_a_point_edit_reaches_the_panel(run):
         seg.GetSegmentation().RemoveSegment(out)  # e.g. deleted in the Segment Editor
         editor.state.bg_node.AddControlPoint(list(G.index_to_ras(vol, [[2, 34, 38]])[0]), "x")  # no raise here
         assert len(errors) == 1 and isinstance(errors[0], UserInputError) and "has no segment" in str(errors[0])
+        # one edit (added, position defined, modified) was one report; a later edit failing alike is another
+        editor.state.bg_node.AddControlPoint(list(G.index_to_ras(vol, [[0, 30, 30]])[0]), "y")
+        assert len(errors) == 2 and str(errors[1]) == str(errors[0])
     finally:
         logic.on_error = None
         logic.editors.pop((seg.GetID(), out)).unobserve()
@@ -794,3 +835,143 @@ def test_place_point_lists_are_made_on_demand_and_removed_by_the_runs_undo(run):
     logic.undo()  # the point
     assert logic.undo() == "segmentation run"
     assert scene.GetNumberOfNodes() == n_nodes and out not in seg.GetSegmentation().GetSegmentIDs()
+
+
+def test_overwrite_without_prompts_places_points_into_current_observed_lists(run):
+    """Overwriting an output with "Show prompts" off: Re-run all uses the new run's prompts, not the points
+    left in the earlier run's lists, and the place-point lists are refilled with them and observed."""
+    seg, vol, ex, logic, scene = run["seg"], run["vol"], run["ex"], run["logic"], run["scene"]
+    n_nodes, n_undo = scene.GetNumberOfNodes(), len(logic.undo_stack.entries)
+    first = logic.segmentFromExample(vol, seg, ex, generator="boxprop", device="cpu", showPrompts=True)
+    stale = logic.editor(seg, first).state.bg_node
+    stale.AddControlPoint(list(G.index_to_ras(vol, [[2, 34, 38]])[0]), "old")  # a point of the first run
+    assert logic.editor(seg, first).last_rerun == [2]
+    logic.segmentFromExample(vol, seg, ex, generator="boxprop", device="cpu", showPrompts=False,
+                             outputSegmentId=first)
+    editor = logic.editor(seg, first)
+    recorded = editor.state.points
+    assert not any(np.allclose(p, [2, 34, 38]) for k in recorded for p in recorded[k].bg)
+    with DecodeSpy(editor.state.session) as spy:
+        logic.rerunAll(seg, first)
+    assert spy.calls and all(editor.state.points[k].same_as(recorded[k]) for k in recorded)
+    logic.undo()  # the re-run all
+    bg = logic.promptPointList(seg, first, "background")
+    assert bg is stale and editor.observing
+    assert bg.GetNumberOfControlPoints() == sum(len(p.bg) for p in recorded.values())
+    assert editor.changed_slices() == []
+    with DecodeSpy(editor.state.session) as spy:
+        bg.AddControlPoint(list(G.index_to_ras(vol, [[0, 30, 36]])[0]), "")
+    assert spy.calls == [0]
+    while len(logic.undo_stack.entries) > n_undo:
+        logic.undo()
+    assert first not in seg.GetSegmentation().GetSegmentIDs() and scene.GetNumberOfNodes() == n_nodes
+
+
+def save_like_slicer(seg, path) -> None:
+    """Write the segmentation with its storage node, as saving the scene does (which collapses the
+    labelmap layers into new objects)."""
+    storage = seg.CreateDefaultStorageNode()
+    storage.SetFileName(str(path))
+    assert storage.WriteData(seg)
+
+
+def test_undo_works_after_a_save_and_is_refused_after_a_later_manual_edit(tmp_path):
+    scene, vol, seg, ex = fresh_case()
+    logic = LG.SegmentFromExampleLogic()
+    out = logic.segmentFromExample(vol, seg, ex, generator="boxprop", device="cpu")
+    editor = logic.editor(seg, out)
+    before_edit = LM.segment_mask(seg, out, vol)
+    editor.state.bg_node.AddControlPoint(list(G.index_to_ras(vol, [[2, 34, 38]])[0]), "x")
+    assert editor.last_rerun == [2]
+    edited = LM.segment_mask(seg, out, vol)
+    stamp = LM.labelmap_stamp(seg, out)
+    save_like_slicer(seg, tmp_path / "saved.seg.nrrd")
+    assert LM.labelmap_stamp(seg, out)[0] != stamp[0]  # the save put the voxels into another labelmap object
+    np.testing.assert_array_equal(LM.segment_mask(seg, out, vol), edited)
+    assert logic.undo().startswith("edit")  # not refused
+    np.testing.assert_array_equal(LM.segment_mask(seg, out, vol), before_edit)
+    # a real manual edit after another save is still refused, and kept
+    editor.state.bg_node.AddControlPoint(list(G.index_to_ras(vol, [[0, 34, 38]])[0]), "y")
+    save_like_slicer(seg, tmp_path / "saved-again.seg.nrrd")
+    paint_like_the_segment_editor(seg, out, vol, [(0, 2, 2)])
+    painted = LM.segment_mask(seg, out, vol)
+    with pytest.raises(UserInputError, match="changed outside this module"):
+        logic.undo()
+    np.testing.assert_array_equal(LM.segment_mask(seg, out, vol), painted)
+
+
+def test_undo_follows_the_voxels_of_segments_sharing_a_labelmap_layer(scene, tmp_path):
+    """Two segments the module wrote end up in one labelmap layer after a save; the module's write of one
+    changes the layer but not the other's voxels, so the other's Undo is still accepted."""
+    from FewShotSAMHelpers.editing import UndoStack
+
+    vol, arr = make_volume(scene, shape=(6, 20, 24))
+    seg = make_segmentation(scene, vol)
+    a, b = LM.add_output_segment(seg, "a", (1, 0, 0)), LM.add_output_segment(seg, "b", (0, 1, 0))
+    ma, mb = np.zeros(arr.shape, bool), np.zeros(arr.shape, bool)
+    ma[1:4, 2:8, 2:8] = True
+    mb[2:5, 12:18, 14:20] = True
+    empty = np.zeros(arr.shape, bool)
+    stack = UndoStack()
+    LM.set_segment_mask(seg, a, vol, ma)
+    stack.push("a", lambda: LM.set_segment_mask(seg, a, vol, empty), (seg, a))
+    LM.set_segment_mask(seg, b, vol, mb)
+    stack.push("b", lambda: LM.set_segment_mask(seg, b, vol, empty), (seg, b))
+    save_like_slicer(seg, tmp_path / "shared.seg.nrrd")
+    assert LM.labelmap_stamp(seg, a)[0] == LM.labelmap_stamp(seg, b)[0]  # one shared layer now
+    stamp_b = LM.labelmap_stamp(seg, b)
+    grown = ma[2].copy()
+    grown[8:10, 2:8] = True
+    LM.write_segment_slices(seg, a, vol, 0, {2: grown})  # in place, into the shared layer
+    stack.push("edit of a", lambda: LM.write_segment_slices(seg, a, vol, 0, {2: ma[2]}), (seg, a))
+    assert LM.labelmap_stamp(seg, b) != stamp_b and not stack.changed_elsewhere((seg, b))
+    assert [stack.undo() for _ in range(3)] == ["edit of a", "b", "a"]
+    assert not LM.segment_mask(seg, a, vol).any() and not LM.segment_mask(seg, b, vol).any()
+    # a manual edit of a in the shared layer: b's Undo is accepted (its voxels are unchanged), a's refused
+    LM.set_segment_mask(seg, a, vol, ma)
+    stack.push("a", lambda: LM.set_segment_mask(seg, a, vol, empty), (seg, a))
+    LM.set_segment_mask(seg, b, vol, mb)
+    stack.push("b", lambda: LM.set_segment_mask(seg, b, vol, empty), (seg, b))
+    save_like_slicer(seg, tmp_path / "shared-again.seg.nrrd")
+    assert LM.labelmap_stamp(seg, a)[0] == LM.labelmap_stamp(seg, b)[0]
+    paint_like_the_segment_editor(seg, a, vol, [(3, 10, 10)])
+    assert LM.segment_mask(seg, a, vol)[3, 10, 10]
+    assert stack.undo() == "b"
+    with pytest.raises(UserInputError, match="changed outside this module"):
+        stack.undo()
+
+
+def test_scene_observers_go_with_the_logic(scene):
+    import gc
+
+    events = (scene.StartCloseEvent, scene.NodeAboutToBeRemovedEvent)
+    assert not any(scene.HasObserver(e) for e in events)
+    logic = LG.SegmentFromExampleLogic()
+    logic.watch_scene(scene)
+    assert all(scene.HasObserver(e) for e in events)
+    del logic
+    gc.collect()
+    assert not any(scene.HasObserver(e) for e in events)
+    logic = LG.SegmentFromExampleLogic()
+    logic.watch_scene(scene)
+    logic.unwatch_scenes()
+    assert not any(scene.HasObserver(e) for e in events)
+
+
+def test_removing_the_input_volume_releases_its_editors_and_session():
+    import gc
+    import weakref
+
+    scene, vol, seg, ex = fresh_case()
+    logic = LG.SegmentFromExampleLogic()
+    out = logic.segmentFromExample(vol, seg, ex, generator="boxprop", device="cpu")
+    editor = logic.editor(seg, out)
+    session = weakref.ref(editor.state.session)
+    logic.last_result = None
+    scene.RemoveNode(vol)
+    assert logic.editors == {} and logic.sessions == {} and not logic.undo_stack.can_undo
+    assert not editor.observing
+    del editor
+    gc.collect()
+    assert session() is None
+    assert out in seg.GetSegmentation().GetSegmentIDs()  # the segment itself stays

@@ -193,6 +193,19 @@ def slicer_install_torch() -> None:
                              "install it there and try again.")
 
 
+def pip_ensure_options(pip_ensure: Callable, constraints: str) -> dict:
+    """The keyword arguments for this Slicer's ``slicer.packaging.pip_ensure``, kept to those its signature
+    accepts: the constraints, no prompt (the consent was asked already, for everything at once), the
+    requester's name, the progress dialog, and ``skip_in_testing=False`` so that the self-test under CTest
+    (Slicer's testing mode) installs what is missing instead of silently skipping it."""
+    import inspect
+
+    accepted = inspect.signature(pip_ensure).parameters
+    options = {"constraints": constraints, "prompt_install": False, "requester": "Segment from one example",
+               "show_progress": True, "skip_in_testing": False}
+    return {k: v for k, v in options.items() if k in accepted}
+
+
 def slicer_pip(requirements: list, constraints: str) -> None:
     """pip-install ``requirements`` under ``constraints`` with Slicer's own helper: ``slicer.packaging.pip_ensure``
     (with its progress dialog) where this Slicer has it, else ``slicer.util.pip_install``."""
@@ -204,14 +217,6 @@ def slicer_pip(requirements: list, constraints: str) -> None:
         packaging = None
     pip_ensure = getattr(packaging, "pip_ensure", None)
     if pip_ensure is not None:
-        import inspect
-
-        from packaging.requirements import Requirement
-
-        # the keywords of this Slicer's pip_ensure (the consent was asked already, for everything at once)
-        accepted = inspect.signature(pip_ensure).parameters
-        options = {"constraints": constraints, "prompt_install": False, "prompt": False,
-                   "requester": "Segment from one example", "show_progress": True}
-        pip_ensure([Requirement(r) for r in requirements], **{k: v for k, v in options.items() if k in accepted})
+        pip_ensure(list(requirements), **pip_ensure_options(pip_ensure, constraints))
     else:
         slicer.util.pip_install(list(requirements) + ["-c", constraints])

@@ -14,7 +14,7 @@ import slicer
 
 from FewShotSAMLib.errors import UserInputError
 
-from .labelmaps import labelmap_stamp, segment_slices, write_segment_slices
+from .labelmaps import labelmap_stamp, segment_content_hash, segment_slices, write_segment_slices
 from .markups import (ROLES, SlicePoints, create_prompt_lists, read_prompt_points, relabel_point_list,
                       write_point_list, write_prompt_points)
 
@@ -28,6 +28,7 @@ class UndoEntry:
     description: str
     restore: Callable[[], None]
     segment: Optional[tuple] = None  # (segmentation node, segment ID) that the change wrote
+    volume: object = None  # the input volume node the segment was made from
 
 
 def _segment_key(segment: tuple) -> tuple:
@@ -39,29 +40,58 @@ class UndoStack:
     """Last-in first-out restore actions, at most ``depth`` of them.
 
     After every write of the module into a segment the stack records the segment's labelmap stamp
-    (:func:`labelmaps.labelmap_stamp`); an undo is refused, with one sentence, when the segment changed since
-    (painted, erased or undone in the Segment Editor), so the module never overwrites an edit made there.
+    (:func:`labelmaps.labelmap_stamp`) and the hash of its voxels (:func:`labelmaps.segment_content_hash`).
+    An undo is refused, with one sentence, when the segment's voxels changed since (painted, erased or undone
+    in the Segment Editor), so the module never overwrites an edit made there. A stamp that changed with the
+    voxels unchanged (a save collapsed the labelmap layers into new objects, or the module wrote another
+    segment of the same layer) does not refuse it.
     """
 
     def __init__(self, depth: int = 10) -> None:
         self.depth = depth
         self.entries: list[UndoEntry] = []
-        self._stamps: dict = {}  # (segmentation node ID, segment ID) -> stamp after the module's last write
+        # (segmentation node ID, segment ID) -> (labelmap stamp, voxel hash) after the module's last write
+        self._stamps: dict = {}
 
-    def push(self, description: str, restore: Callable[[], None], segment: Optional[tuple] = None) -> None:
-        """Remember how to undo the change just made to ``segment`` ((segmentation node, segment ID))."""
-        self.entries.append(UndoEntry(description, restore, segment))
+    def push(self, description: str, restore: Callable[[], None], segment: Optional[tuple] = None,
+             volume: object = None) -> None:
+        """Remember how to undo the change just made to ``segment`` ((segmentation node, segment ID)) from
+        ``volume`` (the input volume node it was made from)."""
+        self.entries.append(UndoEntry(description, restore, segment, volume))
         del self.entries[:-self.depth]
         if segment is not None:
             self.record(segment)
 
     def record(self, segment: tuple) -> None:
-        """Note the segment's voxels as the module just wrote them."""
-        self._stamps[_segment_key(segment)] = labelmap_stamp(*segment)
+        """Note the segment's voxels as the module just wrote them, and note again the other tracked segments
+        of the same labelmap layer whose voxels are still those noted (the write touched their layer only)."""
+        node, _segment_id = segment
+        key = _segment_key(segment)
+        stamp = labelmap_stamp(*segment)
+        self._stamps[key] = (stamp, segment_content_hash(*segment))
+        if stamp is None or stamp[0] is None:
+            return
+        for other, (other_stamp, other_hash) in list(self._stamps.items()):
+            if other == key or other[0] != key[0]:
+                continue
+            now = labelmap_stamp(node, other[1])
+            if now is not None and now[0] == stamp[0] and now != other_stamp \
+                    and segment_content_hash(node, other[1]) == other_hash:
+                self._stamps[other] = (now, other_hash)
 
     def changed_elsewhere(self, segment: tuple) -> bool:
         """True when the segment's voxels are no longer those the module last wrote."""
-        return labelmap_stamp(*segment) != self._stamps.get(_segment_key(segment))
+        key = _segment_key(segment)
+        if key not in self._stamps:
+            return True
+        stamp, content = self._stamps[key]
+        now = labelmap_stamp(*segment)
+        if now == stamp:
+            return False
+        if now is None or segment_content_hash(*segment) != content:
+            return True
+        self._stamps[key] = (now, content)  # same voxels in another labelmap object: compared once
+        return False
 
     def forget(self, keep: Callable[[UndoEntry], bool]) -> None:
         """Drop the entries for which ``keep(entry)`` is False."""
@@ -143,6 +173,12 @@ class PromptEditor:
         self.last_seconds = 0.0
 
     # ---- observers ------------------------------------------------------------------------------
+    @property
+    def observing(self) -> bool:
+        """True while the point lists are observed: they then hold the segment's prompts and edits of them
+        re-run slices. Otherwise the prompts are those recorded in ``state.points``."""
+        return bool(self._tags)
+
     def observe(self) -> None:
         """Start reacting to the user's edits of the point lists: a drag re-runs when the point is
         released (PointEndInteractionEvent); adding, deleting, placing or editing a point outside a drag
@@ -199,14 +235,24 @@ class PromptEditor:
         if not self._blocked:
             self._sync_reporting_errors()
 
+    def _points_key(self) -> Optional[tuple]:
+        """The points now in the lists as a hashable value (None when they cannot be read)."""
+        try:
+            now = self.current_points()
+        except Exception:  # noqa: BLE001 - only tells edits apart
+            return None
+        return tuple(sorted((k, np.asarray(p.fg, float).tobytes(), np.asarray(p.bg, float).tobytes())
+                            for k, p in now.items()))
+
     def _sync_reporting_errors(self) -> None:
         """sync() for the observers: one edit fires several events (added, position defined, modified), so
-        an error is handed on once, not again for the same edit's next events."""
+        an error is handed on once for an edit, not again for the same edit's next events; a later edit
+        (other points in the lists) that fails the same way is reported again."""
         try:
             self.sync()
             self._last_error = None
         except Exception as exc:  # noqa: BLE001 - an observer has no caller to raise to: hand it on
-            key = (type(exc), str(exc))
+            key = (type(exc), str(exc), self._points_key())
             if key == self._last_error:
                 return
             self._last_error = key
@@ -218,14 +264,17 @@ class PromptEditor:
     # ---- the place-point buttons ----------------------------------------------------------------
     def point_list(self, role: str):
         """The point list that the place-point button of ``role`` ('foreground' or 'background') adds
-        points to. When the run showed no prompts the lists are made now, filled with the prompts the
-        segment was made from, and observed."""
+        points to. When the lists are not observed (the run showed no prompts) they are made now if missing
+        (or an earlier run's lists are reused), filled with the prompts the segment was made from, and
+        observed."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, not {role!r}")
         s = self.state
         if any(n is None or n.GetScene() is None for n in (s.fg_node, s.bg_node)):
+            self.unobserve()
             s.fg_node, s.bg_node = create_prompt_lists(s.volume_node, s.segmentation_node, s.segment_id)
             self.created_lists += [s.fg_node, s.bg_node]
+        if not self.observing:
             with self.blocked():
                 write_prompt_points(s.fg_node, s.bg_node, s.volume_node, s.points)
             self.observe()
@@ -233,8 +282,11 @@ class PromptEditor:
 
     # ---- re-run ---------------------------------------------------------------------------------
     def current_points(self) -> dict:
-        """The points now in the lists, per slice."""
+        """The prompt points per slice: those now in the lists while they are observed, else those the
+        segment was made from (unobserved lists may hold an earlier run's points)."""
         s = self.state
+        if not self.observing:
+            return {k: SlicePoints(p.fg, p.bg) for k, p in s.points.items()}
         return read_prompt_points(s.fg_node, s.bg_node, s.volume_node, s.axis)
 
     def changed_slices(self, now: Optional[dict] = None) -> list:
@@ -299,22 +351,21 @@ class PromptEditor:
                 s.points[k] = now[k]
             else:
                 s.points.pop(k, None)
-        with self.blocked():
-            for node in (s.fg_node, s.bg_node):
-                if node is not None:
+        if self.observing:
+            with self.blocked():
+                for node in (s.fg_node, s.bg_node):
                     relabel_point_list(node, s.volume_node, s.axis)
 
         def restore() -> None:
             write_segment_slices(s.segmentation_node, s.segment_id, s.volume_node, s.axis, before_slices)
-            with self.blocked():
-                if s.fg_node is not None:
+            if self.observing:  # unobserved lists are filled from s.points when next observed
+                with self.blocked():
                     write_point_list(s.fg_node, s.volume_node, prev_fg)
-                if s.bg_node is not None:
                     write_point_list(s.bg_node, s.volume_node, prev_bg)
             s.points = before_points
 
         self.undo.push(f"{description} on slice(s) {', '.join(map(str, slices))}", restore,
-                       (s.segmentation_node, s.segment_id))
+                       (s.segmentation_node, s.segment_id), s.volume_node)
         self.last_rerun = slices
         self.last_seconds = time.perf_counter() - t0
         log.info("re-ran slice(s) %s in %.3f s", slices, self.last_seconds)

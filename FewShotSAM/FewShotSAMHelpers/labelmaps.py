@@ -3,6 +3,7 @@ one slice's slab, and writes into the segment's labelmap in place where it can).
 
 from __future__ import annotations
 
+import hashlib
 from typing import Optional, Sequence
 
 import numpy as np
@@ -308,17 +309,61 @@ def add_output_segment(segmentation_node, name: str, color: Sequence[float]) -> 
     return segment_id
 
 
-def labelmap_stamp(segmentation_node, segment_id: str) -> Optional[tuple]:
-    """What identifies the segment's voxels as they are now: its binary labelmap object and that object's
-    modification time (None when the segment is gone). Any edit of the segment (the Segment Editor's
-    included) replaces the labelmap or raises its modification time."""
+def _binary_labelmap(segmentation_node, segment_id: str):
+    """(segment, its binary labelmap representation or None); (None, None) when the segment or its
+    segmentation node is gone."""
     if segmentation_node is None or segmentation_node.GetScene() is None:
-        return None
+        return None, None
     segment = segmentation_node.GetSegmentation().GetSegment(segment_id or "")
     if segment is None:
-        return None
+        return None, None
     name = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
-    labelmap = segment.GetRepresentation(name)
+    return segment, segment.GetRepresentation(name)
+
+
+def labelmap_stamp(segmentation_node, segment_id: str) -> Optional[tuple]:
+    """What identifies the segment's labelmap as it is now: the binary labelmap object and that object's
+    modification time (None when the segment is gone). Any edit of the segment (the Segment Editor's
+    included) replaces the labelmap or raises its modification time; so does saving the scene, which
+    collapses the labelmap layers into new objects (:func:`segment_content_hash` tells those apart)."""
+    segment, labelmap = _binary_labelmap(segmentation_node, segment_id)
+    if segment is None:
+        return None
     if labelmap is None:
         return (None, 0)
     return (labelmap.GetAddressAsString("vtkOrientedImageData"), labelmap.GetMTime())
+
+
+def segment_content_hash(segmentation_node, segment_id: str) -> Optional[str]:
+    """SHA-1 of the segment's own voxels (its labelmap equal to its label value), cut to their bounding
+    box, with the voxel axes and the box's first voxel in world coordinates (None when the segment is
+    gone). The same voxels give the same hash whichever labelmap layer, extent or label value holds them,
+    as after a save collapses the layers."""
+    segment, labelmap = _binary_labelmap(segmentation_node, segment_id)
+    if segment is None:
+        return None
+    digest = hashlib.sha1()
+    if labelmap is None or labelmap.GetPointData().GetScalars() is None:
+        return digest.hexdigest()
+    ext = labelmap.GetExtent()
+    if ext[1] < ext[0] or ext[3] < ext[2] or ext[5] < ext[4]:
+        return digest.hexdigest()
+    mask = oriented_image_array(labelmap) == segment.GetLabelValue()
+    rows = mask.any(axis=2)
+    ks, js = np.flatnonzero(rows.any(axis=1)), np.flatnonzero(rows.any(axis=0))
+    if not ks.size:
+        return digest.hexdigest()
+    slab = mask[ks[0]:ks[-1] + 1, js[0]:js[-1] + 1]
+    cols = np.flatnonzero(slab.any(axis=(0, 1)))
+    box = slab[:, :, cols[0]:cols[-1] + 1]
+    lo = (int(ks[0]), int(js[0]), int(cols[0]))
+    to_world = vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(to_world)
+    m = slicer.util.arrayFromVTKMatrix(to_world)
+    first = m @ np.array([ext[0] + lo[2], ext[2] + lo[1], ext[4] + lo[0], 1.0])
+    # rounded (and -0.0 made 0.0) so that the same grid written by another computation hashes the same
+    digest.update((np.round(m[:3, :3], 6) + 0.0).tobytes())
+    digest.update((np.round(first[:3], 4) + 0.0).tobytes())
+    digest.update(np.array(box.shape, np.int64).tobytes())
+    digest.update(np.packbits(box).tobytes())
+    return digest.hexdigest()

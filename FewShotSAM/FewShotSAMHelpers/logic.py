@@ -83,6 +83,13 @@ def parse_extent(extent) -> Union[str, tuple]:
         raise UserInputError(f"The extent {extent!r} is not 'auto' nor a (first, last) slice range.") from exc
 
 
+def _remove_observers(scene_ref: weakref.ref, tags: list) -> None:
+    """Remove the observers ``tags`` from the scene, when it still exists."""
+    scene = scene_ref()
+    for tag in tags if scene is not None else ():
+        scene.RemoveObserver(tag)
+
+
 class SegmentFromExampleLogic:
     """Segment a whole volume from one painted example: MRML in, a segment and prompt point lists out.
 
@@ -104,7 +111,7 @@ class SegmentFromExampleLogic:
         self.last_result = None
         self.last_generator = ""
         self.busy = False
-        self._watched: dict = {}  # scene address -> (weak reference to the scene, observer tags)
+        self._watched: dict = {}  # scene address -> (weak reference to the scene, its observers' remover)
         self._run_inputs: tuple = ()  # the nodes a run in progress reads
         self._stop_reason: Optional[str] = None
 
@@ -131,14 +138,17 @@ class SegmentFromExampleLogic:
 
         tags = [scene.AddObserver(scene.StartCloseEvent, on_close),
                 scene.AddObserver(scene.NodeAboutToBeRemovedEvent, on_removed)]
-        self._watched[key] = (weakref.ref(scene), tags)
+        if key in self._watched:  # an earlier scene at the same address
+            self._watched.pop(key)[1]()
+        # the observers go with the logic (a console or self-test logic nobody cleans up) or on unwatch_scenes()
+        remove = weakref.finalize(self, _remove_observers, weakref.ref(scene), tags)
+        remove.atexit = False  # at exit the scene goes too
+        self._watched[key] = (weakref.ref(scene), remove)
 
     def unwatch_scenes(self) -> None:
         """Stop observing every scene (the module's cleanup)."""
-        for ref, tags in self._watched.values():
-            scene = ref()
-            for tag in tags if scene is not None else ():
-                scene.RemoveObserver(tag)
+        for _ref, remove in self._watched.values():
+            remove()
         self._watched.clear()
 
     def _on_scene_close(self, scene) -> None:
@@ -150,9 +160,10 @@ class SegmentFromExampleLogic:
         if self._stop_reason is None and any(node is n for n in self._run_inputs):
             self._stop_reason = f"'{node.GetName()}' was removed from the scene"
         node_id = node.GetID()
-        for key in [k for k in self.editors if k[0] == node_id]:
+        # the segmentation's editors, or those of segments made from the volume (with its session)
+        for key in [k for k, e in self.editors.items() if k[0] == node_id or e.state.volume_node is node]:
             self.editors.pop(key).unobserve()
-        self.undo_stack.forget(lambda e: e.segment is None or e.segment[0] is not node)
+        self.undo_stack.forget(lambda e: (e.segment is None or e.segment[0] is not node) and e.volume is not node)
         for key in [k for k in self.sessions if k[0] == node_id]:
             del self.sessions[key]
 
@@ -222,6 +233,8 @@ class SegmentFromExampleLogic:
             else:
                 self.busy = True
                 result = self._run_in_worker(work, progress, stop)
+            if stop():  # asked for after the last slice: nothing is written all the same
+                raise CancelledError("cancelled")
         except CancelledError:
             if self._stop_reason is not None:
                 raise CancelledError(f"Stopped: {self._stop_reason} during the run; nothing was written.") from None
@@ -229,9 +242,8 @@ class SegmentFromExampleLogic:
         finally:
             self.busy = False
             self._run_inputs = ()
-        if self._stop_reason is not None or any(node.GetScene() is None for node in inputs):
-            raise CancelledError(f"Stopped: {self._stop_reason or 'an input left the scene'} during the run; "
-                                 "nothing was written.")
+        if any(node.GetScene() is None for node in inputs):
+            raise CancelledError("Stopped: an input left the scene during the run; nothing was written.")
         return result
 
     def _run_in_worker(self, work: Callable, progress, cancel):
@@ -245,20 +257,29 @@ class SegmentFromExampleLogic:
             except BaseException as exc:  # noqa: BLE001 - handed back to the GUI thread
                 outcome["error"] = exc
 
+        def cancelled() -> bool:
+            # once asked for, the worker stops at its next slice boundary: the slices it finishes meanwhile
+            # (those of one poll interval, 30 ms) are neither reported nor written
+            if cancel is not None and not stop.is_set() and cancel():
+                stop.set()
+            return stop.is_set()
+
         worker = threading.Thread(target=target, name="FewShotSAM", daemon=True)
         worker.start()
-        while worker.is_alive():
-            self.pump_events()
-            if cancel is not None and not stop.is_set() and cancel():
-                # the worker stops at its next slice boundary: the slices it finishes meanwhile (those of
-                # one poll interval, 30 ms) are neither reported nor written
-                stop.set()
-            if progress is not None and not stop.is_set() and (shared["done"], shared["total"]) != shared["shown"]:
+        while True:
+            finished = not worker.is_alive()
+            self.pump_events()  # once more after the worker finished: a Cancel clicked meanwhile counts
+            if not cancelled() and progress is not None and (shared["done"], shared["total"]) != shared["shown"]:
                 shared["shown"] = (shared["done"], shared["total"])
                 progress(shared["done"], shared["total"])
+            if finished:
+                break
             worker.join(0.03)
-        if "error" in outcome:
-            raise outcome["error"]
+        error = outcome.get("error")
+        if cancelled() and (error is None or isinstance(error, CancelledError)):
+            raise CancelledError("cancelled")  # even when the worker finished first: nothing is written
+        if error is not None:
+            raise error
         return outcome["result"]
 
     # ---- the API --------------------------------------------------------------------------------
@@ -368,7 +389,7 @@ class SegmentFromExampleLogic:
             if not had_geometry:
                 seg.SetConversionParameter(ref_name, old_geometry or "")
 
-        self.undo_stack.push("segmentation run", restore, (segmentationNode, out_id))
+        self.undo_stack.push("segmentation run", restore, (segmentationNode, out_id), volumeNode)
         self.last_result = result
         self.last_generator = generator
         log.info("segment '%s': %d slices in %.1f s (%s, %s)", out_segment.GetName(),
