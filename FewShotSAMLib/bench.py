@@ -26,6 +26,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .sam.names import DEFAULT_SAM
 from .errors import UserInputError
 from .volume import atomic_write_text, painted_slices, read_volume
 
@@ -107,7 +108,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--organs", default="1,2,3,4", help="Label values of the organs to segment (default 1,2,3,4).")
     p.add_argument("--json", default=None, help="Write the figures to this JSON file.")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu).")
-    p.add_argument("--sam", default="litemedsam", choices=("litemedsam", "litemedsam-points"),
+    p.add_argument("--sam", default=DEFAULT_SAM, choices=("litemedsam", "litemedsam-points"),
                    help="The LiteMedSAM decoder of the whole-volume and re-run figures (same encoder).")
     p.add_argument("--fast", default=None, help="The encoder variant used for the whole-volume figures (default: the "
                    "library's default path on this machine: mixed-fused-ov-b4 on a CPU with native bfloat16, "
@@ -150,7 +151,7 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
-def _make_backend(variant: EncoderVariant, device: str, sam: str = "litemedsam"):
+def _make_backend(variant: EncoderVariant, device: str, sam: str = DEFAULT_SAM):
     from .sam.litemedsam import LiteMedSAMBackend
 
     backend = LiteMedSAMBackend(device=device, precision=variant.precision, fuse=variant.fuse,
@@ -241,7 +242,7 @@ def bench_encoder(frames: np.ndarray, variants: list[EncoderVariant], device: st
 
 
 def bench_volume(image, labels: np.ndarray, organs: list[int], fast: EncoderVariant, device: str,
-                 rounds: int = 2, sam: str = "litemedsam") -> tuple[dict, object]:
+                 rounds: int = 2, sam: str = DEFAULT_SAM) -> tuple[dict, object]:
     """One encode pass over the volume, then the organs segmented in one session (each slice encoded once),
     with the generator and decoder timed inside the run; ``rounds`` times, alternating, each round from
     empty caches, so that the ratio of the two is taken from neighbouring measurements (this machine's

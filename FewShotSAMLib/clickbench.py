@@ -139,7 +139,8 @@ def plot_clicks(results: Sequence[dict], path, title: str) -> None:
     for res in results:
         for name, m in res["methods"].items():
             d = m["dice_per_round"]
-            ax.plot(range(len(d)), d, marker="o", label=f"{res['sam']} ({name})")
+            ax.plot(range(len(d)), d, marker="o", label=f"{res['sam']} ({name}, {m['targets']} targets)")
+            ax.set_xticks(range(len(d)))
     ax.set_xlabel("corrective clicks per slice")
     ax.set_ylabel("mean 3D Dice %")
     ax.set_title(title)

@@ -353,8 +353,8 @@ def train_step(model, reference, optimizer, data: Sequence[SliceTargets], rng: n
 
     Interactive modes are unrolled as at inference: ``box+clicks`` and ``remove`` start from the embedded
     LiteMedSAM's box answer (what ``litemedsam-points`` gives for a box alone), ``points`` from one
-    foreground point; each corrective click is placed against the previous answer, and every answer after
-    a click is in the loss (SAM's interactive training)."""
+    foreground point; each corrective click is placed against the previous answer (computed without
+    gradient) and the answer after the last click is in the loss (RITM's iterative training)."""
     mode = MODES[int(rng.choice(len(MODES), p=MODE_WEIGHTS))]
     clicks = {"box+clicks": int(rng.integers(1, 4)), "points": int(rng.integers(0, 4)),
               "remove": int(rng.integers(1, 3))}.get(mode, 0)
@@ -381,7 +381,7 @@ def train_step(model, reference, optimizer, data: Sequence[SliceTargets], rng: n
         return torch.from_numpy(np.stack([s.target.astype(np.float32) for s in sets]))
 
     terms = []
-    if mode in ("box", "ring"):
+    if mode in ("box", "ring") or (mode == "points" and clicks == 0):
         if mode == "box" and reference is not None:
             with torch.no_grad():
                 ref, _ = decode_batch(reference, emb, tokens_of(reference.prompt_encoder, sets))
@@ -393,19 +393,15 @@ def train_step(model, reference, optimizer, data: Sequence[SliceTargets], rng: n
                                              for s in sets]))
         terms.append(_round_loss(logits, iou, targets, valid))
     else:
-        if mode == "points":
-            logits, iou = forward()
-            terms.append(_round_loss(logits, iou, hard_targets(), valid))
-            previous = logits.detach().numpy() > 0
-        else:
-            with torch.no_grad():
-                ref_model = reference if reference is not None else model
-                previous = decode_batch(ref_model, emb, tokens_of(ref_model.prompt_encoder, sets))[0].numpy() > 0
-        for _ in range(clicks):
-            add_corrective_clicks(sets, previous)
-            logits, iou = forward()
-            terms.append(_round_loss(logits, iou, hard_targets(), valid))
-            previous = logits.detach().numpy() > 0
+        with torch.no_grad():
+            first = model if mode == "points" or reference is None else reference
+            previous = decode_batch(first, emb, tokens_of(first.prompt_encoder, sets))[0].numpy() > 0
+            for _ in range(clicks - 1):
+                add_corrective_clicks(sets, previous)
+                previous = forward()[0].numpy() > 0
+        add_corrective_clicks(sets, previous)
+        logits, iou = forward()
+        terms.append(_round_loss(logits, iou, hard_targets(), valid))
     seg = torch.stack([t[0] for t in terms]).mean()
     iou_loss = torch.stack([t[1] for t in terms]).mean()
     loss = seg + iou_loss

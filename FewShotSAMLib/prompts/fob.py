@@ -74,7 +74,7 @@ class FoBGenerator:
 
     # ---- checks ---------------------------------------------------------------------------------
     def _check(self, backend, query: torch.Tensor) -> None:
-        if self.backend_name and backend.embedding_name != self.backend_name:
+        if self.backend_name and getattr(backend, "embedding_name", backend.name) != self.backend_name:
             raise UserInputError(f"These FoB weights were trained on {self.backend_name} embeddings but the SAM "
                                  f"backend is {backend.name}; use --sam {self.backend_name} or FoB weights "
                                  f"trained for {backend.name}.")
@@ -88,7 +88,7 @@ class FoBGenerator:
         if self.mode:
             return self.mode
         modes = self.meta.get("prompt_modes", {})
-        for name in (backend.name, backend.embedding_name):
+        for name in (backend.name, getattr(backend, "embedding_name", backend.name)):
             if name in modes:
                 return modes[name]
         return "box" if getattr(backend, "prefers_box", False) else "points"
