@@ -225,7 +225,7 @@ def test_shipped_weights_load_and_match_metadata():
     from FewShotSAMLib.prompts.fob import SHIPPED_WEIGHTS, FoBGenerator
 
     if not SHIPPED_WEIGHTS.exists():
-        pytest.skip("no shipped FoB weights in Resources/fob yet")
+        pytest.skip("no shipped FoB weights in FewShotSAMLib/fob/weights yet")
     meta = json.loads(SHIPPED_WEIGHTS.with_suffix(".json").read_text())
     gen = FoBGenerator()
     assert meta["sam_backend"] == "litemedsam" and gen.backend_name == "litemedsam"

@@ -431,15 +431,3 @@ def test_litemedsam_points_weights_are_checked_against_their_metadata(tmp_path, 
     with pytest.raises(UserInputError, match="not installed"):
         lm.variant_decoder_path("litemedsam-points")
 
-
-def test_shipped_weights_are_package_data():
-    """pyproject's package data covers every file in sam/checkpoints (so a wheel carries them)."""
-    import fnmatch
-    import tomllib
-
-    from FewShotSAMLib.sam import litemedsam as lm
-
-    patterns = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())[
-        "tool"]["setuptools"]["package-data"]["FewShotSAMLib"]
-    files = [f"sam/checkpoints/{p.name}" for p in lm.CHECKPOINTS.iterdir() if p.is_file()]
-    assert files and all(any(fnmatch.fnmatch(f, pat) for pat in patterns) for f in files)

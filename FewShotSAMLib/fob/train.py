@@ -38,7 +38,7 @@ LOG_FIELDS = ["iteration", "seconds", "total", "rac", "heat", "coor", "fore", "e
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of the ``train`` subcommand."""
     parser.add_argument("--data", required=True, help="folder with image_<id>.nii.gz volumes (labels unused)")
-    parser.add_argument("--out", required=True, help="weights file to write, e.g. Resources/fob/fob.pt")
+    parser.add_argument("--out", required=True, help="weights file to write, e.g. FewShotSAMLib/fob/weights/fob.pt")
     parser.add_argument("--iterations", type=int, default=3000, help="training iterations (batch 1)")
     parser.add_argument("--exclude-labels", type=int, nargs="*", default=[],
                         help="Setting II: drop slices holding any of these labels (needs label_<id>.nii.gz)")

@@ -2,8 +2,8 @@
 network (``fob/``), foreground points spread where the query correlates with the support foreground, a
 box from the predicted background ring for box-trained backends, and a calibrated presence score.
 
-Weights: ``FoBGenerator()`` loads the shipped ``Resources/fob/fob.pt`` and checks it against the SHA-256
-and SAM backend recorded in ``Resources/fob/fob.json``; ``FoBGenerator(weights=path)`` loads any weights
+Weights: ``FoBGenerator()`` loads the shipped ``FewShotSAMLib/fob/weights/fob.pt`` (package data) and checks
+it against the SHA-256 and SAM backend recorded in ``fob.json`` beside it; ``FoBGenerator(weights=path)`` loads any weights
 written by ``python -m FewShotSAMLib train`` (its ``.json`` beside it is checked when present).
 Inference needs only the support (embedding + mask) and the query embedding.
 """
@@ -26,7 +26,7 @@ from .features import spread_points
 
 log = logging.getLogger(__name__)
 
-RESOURCE_DIR = Path(__file__).resolve().parents[2] / "Resources" / "fob"
+RESOURCE_DIR = Path(__file__).resolve().parents[1] / "fob" / "weights"  # package data (pip and the Slicer build)
 SHIPPED_WEIGHTS = RESOURCE_DIR / "fob.pt"
 MODES = ("points", "box", "box+bg", "box+points")
 
