@@ -370,17 +370,17 @@ def evaluate(store: CaseStore, protocol: str, methods: Sequence[str], folds: dic
 @single_threaded_blas()
 def evaluate_clicks(store: CaseStore, methods: Sequence[str], organs: Sequence[int], rounds: int,
                     progress: Optional[Callable[[str], None]] = None, targets_desc: str = "") -> dict:
-    """The click benchmark (``clickbench.py``) for ``methods`` on every volume of ``store`` and ``organs``."""
+    """The click benchmark (``clickbench.py``) for ``methods`` on every volume of ``store`` and ``organs``
+    (FoB with its shipped weights, which saw no label)."""
     from . import clickbench
     from .engine import VolumeSession
+    from .prompts import make_generator
 
     names = [clickbench.organ_name(TARGET_NAMES, o) for o in organs]
     out = {"protocol": "clicks", "sam": store.backend.name, "rounds": int(rounds), "organs": names,
            "volumes_ids": store.ids, "targets_desc": targets_desc, "methods": {}, "complete": False}
     for name in methods:
-        gen = make_method(name, 0, 1)
-        if gen is None:
-            raise UserInputError(f"The clicks protocol needs the generator '{name}' ready to use (FoB weights missing).")
+        gen = make_generator(name)
         records = []
         for organ, oname in zip(organs, names):
             for vid in store.ids:
