@@ -14,24 +14,20 @@ counts its maximum, and the share of such slices is reported).
 
 from __future__ import annotations
 
-import logging
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from .clicks import clicks_to_reach, corrective_click, dice2d
+from .clicks import clicks_to_reach, corrective_click, dice
 from .volume import slice_to_volume_index
-
-log = logging.getLogger(__name__)
 
 NOC_THRESHOLDS = (85.0, 90.0)
 
 
-def _edit_entry(sp) -> dict:
-    """A slice's SlicePrompts as an editable entry of ``segment_from_prompts`` (voxel indices)."""
-    return {"fg": [tuple(p) for p in np.asarray(sp.fg, float).reshape(-1, 3)],
-            "bg": [tuple(p) for p in np.asarray(sp.bg, float).reshape(-1, 3)],
-            "box": None if sp.box is None else np.asarray(sp.box, float).reshape(-1, 3)}
+def _edit_entry(fg=(), bg=(), box=None) -> dict:
+    """An editable entry of ``segment_from_prompts`` (numpy-order voxel indices)."""
+    return {"fg": np.asarray(fg, float).reshape(-1, 3), "bg": np.asarray(bg, float).reshape(-1, 3),
+            "box": None if box is None else np.asarray(box, float).reshape(-1, 3)}
 
 
 def click_session(session, example: np.ndarray, truth: np.ndarray, generator, rounds: int, axis: int = 0) -> dict:
@@ -41,11 +37,11 @@ def click_session(session, example: np.ndarray, truth: np.ndarray, generator, ro
     mask = np.moveaxis(np.asarray(res.mask, bool), axis, 0).copy()
     ref = np.moveaxis(np.asarray(truth, bool), axis, 0)
     painted = set(int(p) for p in res.painted)
-    entries = {int(k): _edit_entry(sp) for k, sp in res.prompts.items() if int(k) not in painted}
+    entries = {int(k): _edit_entry(sp.fg, sp.bg, sp.box) for k, sp in res.prompts.items() if int(k) not in painted}
     slices = sorted((set(np.flatnonzero(ref.any((1, 2))).tolist()) | set(np.flatnonzero(mask.any((1, 2))).tolist()))
                     - painted)
-    per_slice = {k: [dice2d(mask[k], ref[k])] for k in slices}
-    dice_rounds = [dice2d(mask, ref)]
+    per_slice = {k: [dice(mask[k], ref[k])] for k in slices}
+    dice_rounds = [dice(mask, ref)]
     clicks_made = 0
     for _ in range(rounds):
         edited = {}
@@ -53,11 +49,10 @@ def click_session(session, example: np.ndarray, truth: np.ndarray, generator, ro
             click = corrective_click(mask[k], ref[k])
             if click is None:
                 continue
-            entry = entries.setdefault(k, {"fg": [], "bg": [], "box": None})
-            voxel = tuple(slice_to_volume_index(axis, k, np.array([click.point], float))[0])
-            entry["fg" if click.foreground else "bg"].append(voxel)
-            edited[k] = {"fg": np.array(entry["fg"], float).reshape(-1, 3), "bg": np.array(entry["bg"], float).reshape(-1, 3),
-                         "box": entry["box"]}
+            entry = entries.setdefault(k, _edit_entry())
+            kind = "fg" if click.foreground else "bg"
+            entry[kind] = np.vstack([entry[kind], slice_to_volume_index(axis, k, np.array([click.point], float))])
+            edited[k] = entry
             clicks_made += 1
         if edited:
             out = session.segment_from_prompts(example, axis, edited)
@@ -65,10 +60,9 @@ def click_session(session, example: np.ndarray, truth: np.ndarray, generator, ro
             for k in edited:
                 mask[k] = new[k]
         for k in slices:
-            per_slice[k].append(dice2d(mask[k], ref[k]))
-        dice_rounds.append(dice2d(mask, ref))
-    return {"dice_per_round": dice_rounds, "per_slice": per_slice, "clicks": clicks_made,
-            "painted": sorted(painted), "segmented": sorted(int(k) for k in res.segmented_slices)}
+            per_slice[k].append(dice(mask[k], ref[k]))
+        dice_rounds.append(dice(mask, ref))
+    return {"dice_per_round": dice_rounds, "per_slice": per_slice, "clicks": clicks_made}
 
 
 def noc(per_slice: dict, rounds: int, threshold: float) -> tuple[float, float]:
@@ -155,10 +149,3 @@ def organ_name(names: dict, organ: int) -> str:
     """The organ's name for reports (``label_N`` for a label the harness does not name)."""
     return names.get(organ, f"label_{organ}")
 
-
-def log_target(backend_name: str, method: str, volume, organ: str, run: dict, progress: Optional[callable]) -> None:
-    """One progress line per target."""
-    if progress:
-        d = run["dice_per_round"]
-        progress(f"{backend_name} {method} volume {volume} {organ}: Dice per round "
-                 + " -> ".join(f"{v:.1f}" for v in d))

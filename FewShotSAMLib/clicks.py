@@ -1,6 +1,7 @@
 """Simulated corrective clicks, as in the interactive-segmentation literature (SAM's interactive training,
 RITM's click simulation): one click at the most interior pixel of the largest error region, a foreground
-point where the target was missed and a background point where the answer leaked.
+point where the target was missed and a background point where the answer leaked; and the Dice that
+judges the answers (also the evaluation harness's).
 
 Used by the click benchmark (``evaluate --protocol clicks``) and by the training of the point-aware
 LiteMedSAM decoder (tools/train_point_decoder.py), so that both simulate the same user.
@@ -59,7 +60,7 @@ def corrective_click(prediction: np.ndarray, truth: np.ndarray, valid: Optional[
     return Click(interior_point(best[1]), best[2])
 
 
-def dice2d(prediction: np.ndarray, truth: np.ndarray) -> float:
+def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
     """Dice in percent of two bool arrays; 100 when both are empty."""
     p, t = np.asarray(prediction, bool), np.asarray(truth, bool)
     total = int(p.sum()) + int(t.sum())

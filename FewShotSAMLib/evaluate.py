@@ -37,6 +37,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from .clicks import dice  # noqa: F401 - the harness's Dice (E.dice)
 from .errors import UserInputError
 from .sam.names import BACKEND_NAMES, DEFAULT_SAM
 from .threads import single_threaded_blas
@@ -162,15 +163,6 @@ def query_chunks(slices: Sequence[int], n: int = 3) -> list[list[int]]:
     return [list(map(int, c)) for c in np.array_split(np.asarray(list(slices), int), n)]
 
 
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice in percent of two bool arrays; 100 when both are empty."""
-    p, t = np.asarray(pred, bool), np.asarray(truth, bool)
-    denom = int(p.sum()) + int(t.sum())
-    if denom == 0:
-        return 100.0
-    return 200.0 * int((p & t).sum()) / denom
-
-
 # ----------------------------------------------------------------------------------------------------
 # Data access (one backend, one cache)
 # ----------------------------------------------------------------------------------------------------
@@ -212,6 +204,13 @@ class CaseStore:
                                 self.backend.input_size)
             self._cases[cid] = Case(cid, label, pv, vol.array, vol.spacing)
         return self._cases[cid]
+
+    def session(self, case: Case):
+        """A VolumeSession of ``case`` on the store's backend, cache and intensities."""
+        from .engine import VolumeSession
+
+        return VolumeSession(case.image, case.spacing, sam=self.backend, intensity=case.prepared.intensity,
+                             cache=self.cache)
 
     def embedding(self, case: Case, index: int):
         """The cached embedding of slice ``index`` of ``case`` (encoded once if missing)."""
@@ -284,17 +283,22 @@ def fewshot_volume(store: CaseStore, generator, support_case: Case, query_case: 
     return dice(pred, truth), len(q_slices), seconds
 
 
-def product_volume(store: CaseStore, generator, case: Case, organ: int) -> dict:
-    """Product protocol on one volume and organ: Dice (%), slices outside the true extent, missed slices."""
-    from .engine import VolumeSession
-
-    sl = organ_slices(case.label, organ)
+def middle_slice_example(label: np.ndarray, organ: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(reference mask, example painted on the middle of the organ's slices, that slice's index): the start
+    of the product and clicks protocols."""
+    sl = organ_slices(label, organ)
     painted = int(sl[len(sl) // 2])
-    truth = target_mask(case.label, organ)
+    truth = target_mask(label, organ)
     example = np.zeros_like(truth)
     example[painted] = truth[painted]
-    session = VolumeSession(case.image, case.spacing, sam=store.backend, intensity=case.prepared.intensity,
-                            cache=store.cache)
+    return truth, example, painted
+
+
+def product_volume(store: CaseStore, generator, case: Case, organ: int) -> dict:
+    """Product protocol on one volume and organ: Dice (%), slices outside the true extent, missed slices."""
+    sl = organ_slices(case.label, organ)
+    truth, example, painted = middle_slice_example(case.label, organ)
+    session = store.session(case)
     t0 = time.perf_counter()
     res = session.segment(example, generator=generator, extent="auto", axis=0)
     seconds = time.perf_counter() - t0
@@ -373,7 +377,6 @@ def evaluate_clicks(store: CaseStore, methods: Sequence[str], organs: Sequence[i
     """The click benchmark (``clickbench.py``) for ``methods`` on every volume of ``store`` and ``organs``
     (FoB with its shipped weights, which saw no label)."""
     from . import clickbench
-    from .engine import VolumeSession
     from .prompts import make_generator
 
     names = [clickbench.organ_name(TARGET_NAMES, o) for o in organs]
@@ -385,17 +388,13 @@ def evaluate_clicks(store: CaseStore, methods: Sequence[str], organs: Sequence[i
         for organ, oname in zip(organs, names):
             for vid in store.ids:
                 case = store.get(vid)
-                truth = target_mask(case.label, organ)
-                sl = organ_slices(case.label, organ)
-                if not len(sl):
+                if not len(organ_slices(case.label, organ)):
                     continue
-                example = np.zeros_like(truth)
-                painted = int(sl[len(sl) // 2])
-                example[painted] = truth[painted]
-                session = VolumeSession(case.image, case.spacing, sam=store.backend,
-                                        intensity=case.prepared.intensity, cache=store.cache)
-                result = clickbench.click_session(session, example, truth, gen, rounds)
-                clickbench.log_target(store.backend.name, name, vid, oname, result, progress)
+                truth, example, _ = middle_slice_example(case.label, organ)
+                result = clickbench.click_session(store.session(case), example, truth, gen, rounds)
+                if progress:
+                    progress(f"{store.backend.name} {name} volume {vid} {oname}: Dice per round "
+                             + " -> ".join(f"{v:.1f}" for v in result["dice_per_round"]))
                 records.append(clickbench.record(vid, oname, result, rounds))
         out["methods"][name] = clickbench.summarise_clicks(records, names)
     out["complete"] = True
@@ -595,8 +594,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .prompts import GENERATORS
-    from .sam import load_backend
-    from .sam.cache import EmbeddingCache
     from .volume import check_output_path
 
     if args.threads:
@@ -618,18 +615,17 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError("Pass --data (a CHAOS-style folder), or --image and --label with --protocol clicks.")
     organs = parse_organs(args.organs, any_label=single)
     check_output_path(args.json, "JSON output")
-    if args.protocol == "clicks":
-        return _run_clicks(args, methods, organs)
-    previous = load_for_merge(args.json, args.protocol, args.setting, args.sam, args.folds) if args.merge else None
     for extra in (args.report, args.plot):
         if extra:
             check_output_path(extra)
+    if args.protocol == "clicks":
+        return _run_clicks(args, methods, organs)
+    previous = load_for_merge(args.json, args.protocol, args.setting, args.sam, args.folds) if args.merge else None
     cases = list_cases(args.data)
     ids = [c[0] for c in cases]
     folds = {f: fold_volume_ids(ids, f) for f in parse_folds(args.folds)}
-    backend = load_backend(args.sam, args.device)
-    cache = EmbeddingCache(backend, cap_bytes=256 << 20, persist_dir=args.cache_dir)
-    store = CaseStore(cases, backend, cache)
+    store = _open_store(args, cases)
+    cache = store.cache
     t0 = time.perf_counter()
     def save_partial(partial: dict) -> None:
         partial = merge_results(previous, partial) if previous else partial
@@ -657,16 +653,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_clicks(args: argparse.Namespace, methods: Sequence[str], organs: Sequence[int]) -> int:
-    """``evaluate --protocol clicks``: JSON, and the Markdown table / chart when asked."""
-    from . import clickbench
+def _open_store(args: argparse.Namespace, cases: Sequence[tuple[int, Path, Path]]) -> CaseStore:
+    """The cases on the backend ``args.sam`` with the persistent embedding cache ``args.cache_dir``."""
     from .sam import load_backend
     from .sam.cache import EmbeddingCache
-    from .volume import check_output_path
 
-    for extra in (args.report, args.plot):
-        if extra:
-            check_output_path(extra)
+    backend = load_backend(args.sam, args.device)
+    return CaseStore(cases, backend, EmbeddingCache(backend, cap_bytes=256 << 20, persist_dir=args.cache_dir))
+
+
+def _run_clicks(args: argparse.Namespace, methods: Sequence[str], organs: Sequence[int]) -> int:
+    """``evaluate --protocol clicks``: JSON, and the Markdown table / chart when asked (output paths
+    checked by ``run``)."""
+    from . import clickbench
+
     if args.rounds < 1:
         raise UserInputError("--rounds must be at least 1.")
     others = []
@@ -686,9 +686,7 @@ def _run_clicks(args: argparse.Namespace, methods: Sequence[str], organs: Sequen
     else:
         cases = list_cases(args.data)
         desc = f"{len(cases)} volumes of {Path(args.data).name}, every volume once"
-    backend = load_backend(args.sam, args.device)
-    cache = EmbeddingCache(backend, cap_bytes=256 << 20, persist_dir=args.cache_dir)
-    store = CaseStore(cases, backend, cache)
+    store = _open_store(args, cases)
     t0 = time.perf_counter()
     result = evaluate_clicks(store, methods, organs, args.rounds, progress=lambda msg: log.info("%s", msg),
                              targets_desc=desc)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from FewShotSAMLib.clicks import Click, clicks_to_reach, corrective_click, dice2d, interior_point
+from FewShotSAMLib.clicks import Click, clicks_to_reach, corrective_click, dice, interior_point
 
 
 def test_interior_point_is_the_centre_of_a_rectangle_and_counts_the_border_as_outside():
@@ -44,7 +44,7 @@ def test_noc_and_dice():
     assert clicks_to_reach([95], 90) == 0
     assert clicks_to_reach([50, 60], 90) is None
     a = np.zeros((5, 5), bool)
-    assert dice2d(a, a) == 100.0
+    assert dice(a, a) == 100.0
     b = a.copy()
     b[0, 0] = True
-    assert dice2d(a, b) == 0.0 and dice2d(b, b) == 100.0
+    assert dice(a, b) == 0.0 and dice(b, b) == 100.0

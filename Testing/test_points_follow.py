@@ -11,8 +11,7 @@ import pytest
 from conftest import CHAOS_DIR, SHARED_EMBEDDINGS, require
 from FewShotSAMLib import clickbench
 from FewShotSAMLib import evaluate as E
-from FewShotSAMLib.clicks import dice2d, interior_point
-from FewShotSAMLib.engine import VolumeSession
+from FewShotSAMLib.clicks import dice, interior_point
 from FewShotSAMLib.prompts import make_generator
 
 # One foreground point alone on a kidney slice near either end and at a quarter of the organ (slices the
@@ -34,25 +33,18 @@ def points_store():
     return E.CaseStore([c for c in E.list_cases(CHAOS_DIR) if c[0] in (1, 2)], backend, cache)
 
 
-def _session(store, case):
-    return VolumeSession(case.image, case.spacing, sam=store.backend, intensity=case.prepared.intensity,
-                         cache=store.cache)
-
-
 def test_a_foreground_point_alone_segments_a_slice(points_store):
     """A click on a slice with no prompt (one the automatic extent missed) segments the organ there."""
     scores = []
     for vid, organ in ((2, 2), (1, 3)):
         case = points_store.get(vid)
-        truth = E.target_mask(case.label, organ)
+        truth, example, _ = E.middle_slice_example(case.label, organ)
         sl = E.organ_slices(case.label, organ)
-        example = np.zeros_like(truth)
-        example[int(sl[len(sl) // 2])] = truth[int(sl[len(sl) // 2])]
         ks = [int(sl[1]), int(sl[len(sl) // 4]), int(sl[-2])]
         prompts = {k: {"fg": np.array([[k, *interior_point(truth[k])]], float), "bg": np.zeros((0, 3)), "box": None}
                    for k in ks}
-        res = _session(points_store, case).segment_from_prompts(example, 0, prompts)
-        scores += [dice2d(res.mask[k], truth[k]) for k in ks]
+        res = points_store.session(case).segment_from_prompts(example, 0, prompts)
+        scores += [dice(res.mask[k], truth[k]) for k in ks]
     assert np.mean(scores) >= MISSED_SLICE_FLOOR, scores
 
 
@@ -62,11 +54,8 @@ def test_corrective_clicks_do_not_make_it_worse(points_store):
     case = points_store.get(2)
     gains = []
     for organ in (1, 3, 4):
-        truth = E.target_mask(case.label, organ)
-        sl = E.organ_slices(case.label, organ)
-        example = np.zeros_like(truth)
-        example[int(sl[len(sl) // 2])] = truth[int(sl[len(sl) // 2])]
-        run = clickbench.click_session(_session(points_store, case), example, truth, make_generator("boxprop"), 3)
+        truth, example, _ = E.middle_slice_example(case.label, organ)
+        run = clickbench.click_session(points_store.session(case), example, truth, make_generator("boxprop"), 3)
         d = run["dice_per_round"]
         assert len(d) == 4 and run["clicks"] > 0
         gains.append(d[-1] - d[0])

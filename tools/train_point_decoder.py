@@ -377,10 +377,6 @@ def train_step(model, reference, optimizer, data: Sequence[SliceTargets], rng: n
     def forward():
         return decode_batch(model, emb, tokens_of(model.prompt_encoder, sets))
 
-    def hard_targets():
-        return torch.from_numpy(np.stack([s.target.astype(np.float32) for s in sets]))
-
-    terms = []
     if mode in ("box", "ring") or (mode == "points" and clicks == 0):
         if mode == "box" and reference is not None:
             with torch.no_grad():
@@ -388,10 +384,6 @@ def train_step(model, reference, optimizer, data: Sequence[SliceTargets], rng: n
             for s, it, r in zip(sets, items, ref):
                 if it.distill:
                     s.soft = torch.sigmoid(r).numpy()
-        logits, iou = forward()
-        targets = torch.from_numpy(np.stack([s.soft if s.soft is not None else s.target.astype(np.float32)
-                                             for s in sets]))
-        terms.append(_round_loss(logits, iou, targets, valid))
     else:
         with torch.no_grad():
             first = model if mode == "points" or reference is None else reference
@@ -400,17 +392,15 @@ def train_step(model, reference, optimizer, data: Sequence[SliceTargets], rng: n
                 add_corrective_clicks(sets, previous)
                 previous = forward()[0].numpy() > 0
         add_corrective_clicks(sets, previous)
-        logits, iou = forward()
-        terms.append(_round_loss(logits, iou, hard_targets(), valid))
-    seg = torch.stack([t[0] for t in terms]).mean()
-    iou_loss = torch.stack([t[1] for t in terms]).mean()
+    logits, iou = forward()
+    targets = torch.from_numpy(np.stack([s.soft if s.soft is not None else s.target.astype(np.float32) for s in sets]))
+    seg, iou_loss, (inter, total) = _round_loss(logits, iou, targets, valid)
     loss = seg + iou_loss
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
     optimizer.step()
     model.eval()
-    inter, total = terms[-1][2]
     return {"mode": mode, "clicks": clicks, "loss": loss.item(), "seg": seg.item(), "iou": iou_loss.item(),
             "dice": float(2 * inter / total * 100) if total > 0 else 100.0}
 

@@ -165,8 +165,7 @@ class LiteMedSAMBackend(SamBackend):
         box_parts = None
         if decoder_path is not None:
             decoder = torch.load(str(decoder_path), map_location="cpu", weights_only=True)
-            missing = [k for k in decoder if k not in state]
-            if missing:
+            if any(k not in state for k in decoder):
                 raise UserInputError(f"The {variant} weights {decoder_path} do not fit LiteMedSAM; reinstall FewShotSAM.")
             box_parts = copy.deepcopy(model.prompt_encoder), copy.deepcopy(model.mask_decoder)
             model.load_state_dict({k: v.float() for k, v in decoder.items()}, strict=False)
