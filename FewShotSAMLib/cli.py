@@ -61,6 +61,9 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label", type=int, default=None, help="Label value of the target in EXAMPLE (needed when it holds several).")
     p.add_argument("--prompts-out", default=None, help="Write the per-slice prompts fed to SAM as JSON.")
     p.add_argument("--prompts-in", default=None, help="Re-run SAM from an (edited) prompts JSON instead of generating prompts.")
+    p.add_argument("--previous", default=None,
+                   help="With --prompts-in: the segmentation being corrected (e.g. the run's --output); a SAM "
+                        "that reads it (litemedsam-points) then changes each clicked slice near its points.")
     p.add_argument("--overlay-out", default=None, help="Write a PNG montage of the result for a quick visual check.")
     p.add_argument("--generator", default=DEFAULT_GENERATOR, help=f"Prompt generator (default {DEFAULT_GENERATOR}).")
     p.add_argument("--sam", default=DEFAULT_SAM, help=f"SAM model: {', '.join(BACKEND_NAMES)} (default {DEFAULT_SAM}; "
@@ -114,6 +117,11 @@ def run_segment(args: argparse.Namespace) -> int:
     example = select_example(example_labels, args.label)
     label_value = int(args.label) if args.label is not None else int(example_labels[example].flat[0])
     del example_vol, example_labels  # only the boolean example is needed from here (memory on large volumes)
+    previous = None
+    if args.previous:
+        if not args.prompts_in:
+            raise UserInputError("--previous is the segmentation a --prompts-in re-run corrects; pass --prompts-in too.")
+        previous = label_on_image_grid(image, read_volume(args.previous, "previous segmentation")) != 0
 
     from .engine import VolumeSession
     from .volume import choose_intensity
@@ -145,7 +153,7 @@ def run_segment(args: argparse.Namespace) -> int:
             from .prompt_file import read_prompts
 
             axis, prompts = read_prompts(args.prompts_in, image)
-            result = session.segment_from_prompts(example, axis, prompts, progress=progress)
+            result = session.segment_from_prompts(example, axis, prompts, previous=previous, progress=progress)
         else:
             result = session.segment(example, generator=args.generator, extent=extent, progress=progress,
                                      release_embeddings=True)

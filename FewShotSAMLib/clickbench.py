@@ -7,7 +7,7 @@ excluded) gets one corrective click (``clicks.corrective_click``: the most inter
 error region, foreground where the target was missed, background where SAM leaked), added to that slice's
 prompts, and the clicked slices are re-run through ``VolumeSession.segment_from_prompts``: the path of an
 edited prompts file and of a point edit in Slicer (the slice's box is kept; a missed slice has no box, only
-its clicks). Reported per target: 3D Dice after each round, and per slice the number of clicks needed to
+its clicks), with the current segmentation as the answer being corrected (``previous``), as Slicer passes it. Reported per target: 3D Dice after each round, and per slice the number of clicks needed to
 reach 85 % and 90 % Dice (NoC@85, NoC@90; a slice that never reaches it counts ``rounds`` clicks, as RITM
 counts its maximum, and the share of such slices is reported).
 """
@@ -55,7 +55,7 @@ def click_session(session, example: np.ndarray, truth: np.ndarray, generator, ro
             edited[k] = entry
             clicks_made += 1
         if edited:
-            out = session.segment_from_prompts(example, axis, edited)
+            out = session.segment_from_prompts(example, axis, edited, previous=np.moveaxis(mask, 0, axis))
             new = np.moveaxis(np.asarray(out.mask, bool), axis, 0)
             for k in edited:
                 mask[k] = new[k]

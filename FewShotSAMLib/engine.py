@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -534,10 +534,14 @@ class VolumeSession:
 
     @single_threaded_blas()
     def segment_from_prompts(self, example_mask: np.ndarray, axis: int, prompts: dict[int, dict], *,
-                             progress: Optional[Progress] = None,
+                             previous: Optional[np.ndarray] = None, progress: Optional[Progress] = None,
                              cancel: Optional[Callable[[], bool]] = None) -> SegmentationResult:
         """SAM's result for given (e.g. edited) prompts: ``prompts[slice] = {'fg', 'bg', 'box'}`` in
         numpy-order voxel indices. Only those slices are decoded; painted slices stay as painted.
+
+        ``previous`` (bool, image shape) is the segmentation being corrected: a backend trained to read
+        it (``SamBackend.previous_answer_input``) gets each slice's previous answer with that slice's points,
+        so a corrective click changes the answer near the click instead of re-deciding the whole slice.
 
         A target in pieces is given either as ``'pieces': [{'fg', 'bg', 'box', 'hole_bg'}, ...]`` (each
         piece decoded with its own prompts; ``hole_bg`` lists which of its ``bg`` points lie in holes) or as
@@ -562,11 +566,15 @@ class VolumeSession:
                 parts = [(m, p) for m in (mp if isinstance(mp, list) else [mp])]
             items = []
             out[k] = False
-            for mp, given in parts:
-                for m in (mp if isinstance(mp, list) else [mp]):  # several boxes in one piece: each its own
-                    mask2d, score = self.decode_slice(axis, k, m)
-                    out[k] |= mask2d
-                    items.append((m, score, self._hole_points_of(axis, m, given)))
+            # several boxes in one piece: each its own
+            flat = [(m, given) for mp, given in parts for m in (mp if isinstance(mp, list) else [mp])]
+            if previous is not None:
+                decoded = self.with_previous_answer(axis, [m for m, _ in flat], np.moveaxis(previous, axis, 0)[k])
+                flat = [(m, given) for m, (_, given) in zip(decoded, flat)]
+            for m, given in flat:
+                mask2d, score = self.decode_slice(axis, k, m)
+                out[k] |= mask2d
+                items.append((m, score, self._hole_points_of(axis, m, given)))
             result.prompts[k] = self._slice_prompts(axis, k, items, support)
             result.scores[k] = float(np.mean([it[1] for it in items])) if items else 0.0
             if progress is not None:
@@ -577,6 +585,23 @@ class VolumeSession:
         result.mask = np.moveaxis(out, 0, axis)
         result.seconds = time.perf_counter() - t0
         return result
+
+    def with_previous_answer(self, axis: int, prompts: Sequence[Prompts], previous2d: np.ndarray) -> list[Prompts]:
+        """One slice's prompts (one per piece) with the slice's previous answer (bool, native slice) as
+        mask input, where the backend reads one and the prompts carry points (a box alone keeps the
+        box answer). With several pieces each sees only the previous answer's parts at its box or points."""
+        if not any(len(p.fg_points) or len(p.bg_points) for p in prompts):
+            return list(prompts)
+        before = self.prepared(axis).mask_to_model(previous2d)
+        if self.backend.previous_answer_input(before) is None:
+            return list(prompts)
+        out = []
+        for p in prompts:
+            if len(p.fg_points) or len(p.bg_points):
+                mine = previous_answer_of_piece(before, p) if len(prompts) > 1 else before
+                p = replace(p, mask_input=self.backend.previous_answer_input(mine))
+            out.append(p)
+        return out
 
     def _hole_points_of(self, axis: int, prompts: Prompts, given: Optional[dict]) -> np.ndarray:
         """The background points of ``prompts`` that the caller marked as lying in holes
@@ -602,6 +627,23 @@ class VolumeSession:
             if (mask & neighbour).sum() / area < rules.min_overlap:
                 return False
         return True
+
+
+def previous_answer_of_piece(previous: np.ndarray, prompts: Prompts) -> np.ndarray:
+    """The part of a slice's previous answer (bool, model frame) that belongs to one piece's prompts: its
+    connected parts that overlap the piece's box or hold one of its foreground points."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(previous)
+    keep = np.zeros(n + 1, bool)
+    if prompts.box is not None:
+        r0, c0, r1, c1 = np.round(prompts.box).astype(int)
+        keep[np.unique(labels[max(r0, 0):r1 + 1, max(c0, 0):c1 + 1])] = True
+    for r, c in np.round(prompts.fg_points).astype(int):
+        if 0 <= r < previous.shape[0] and 0 <= c < previous.shape[1]:
+            keep[labels[r, c]] = True
+    keep[0] = False
+    return keep[labels]
 
 
 def segment_volume(image: np.ndarray, spacing: Sequence[float], example_mask: np.ndarray, *,

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import CHAOS_DIR, SHARED_EMBEDDINGS, require
-from FewShotSAMLib.engine import ExtentRules, TargetEvidence, VolumeSession, keep_connected_to
+from FewShotSAMLib.engine import (ExtentRules, TargetEvidence, VolumeSession, keep_connected_to,
+                                  previous_answer_of_piece)
 from FewShotSAMLib.errors import CancelledError, UserInputError
 from FewShotSAMLib.prompts.base import Support
 from FewShotSAMLib.volume import painted_slices, read_volume
@@ -180,6 +181,42 @@ def test_rerun_from_voxel_prompts_is_decoder_only(blob_session):
     assert session.cache.encoded == encoded
     assert np.isclose(score, sp.score, atol=1e-4)
     assert dice(mask, res.mask[k]) > 98
+
+
+def test_previous_answer_of_a_piece_is_its_own_parts():
+    from FewShotSAMLib.prompts.base import Prompts
+
+    prev = np.zeros((40, 40), bool)
+    prev[2:10, 2:10] = True  # piece A
+    prev[25:35, 25:35] = True  # piece B
+    prev[2:6, 30:36] = True  # a leak near neither box
+    a = previous_answer_of_piece(prev, Prompts(box=np.array([1, 1, 11, 11])))
+    assert a.sum() == 64 and a[5, 5] and not a[30, 30] and not a[3, 32]
+    b = previous_answer_of_piece(prev, Prompts(fg_points=np.array([[30.0, 30.0]])))
+    assert b.sum() == 100 and b[30, 30]
+    assert not previous_answer_of_piece(prev, Prompts(fg_points=np.array([[20.0, 20.0]]))).any()
+
+
+def test_previous_answer_reaches_only_a_decoder_that_reads_it(blob_session):
+    """The box-trained LiteMedSAM gets no mask input; a backend that reads previous answers gets its
+    own form of the slice's previous answer, only for prompts with points."""
+    from FewShotSAMLib.prompts.base import Prompts
+
+    session, blob = blob_session
+    with_point = Prompts(fg_points=np.array([[30.0, 30.0]]), box=np.array([10, 10, 50, 50]))
+    box_only = Prompts(box=np.array([10, 10, 50, 50]))
+    out = session.with_previous_answer(0, [with_point, box_only], blob[4])
+    assert all(p.mask_input is None for p in out)
+    backend = session.backend
+    backend.previous_answer_input = lambda m: np.where(m, 7.0, -7.0).astype(np.float32)  # instance attribute
+    try:
+        one = session.with_previous_answer(0, [with_point], blob[4])[0]
+        assert one.mask_input is not None and one.mask_input.max() == 7.0
+        assert (one.mask_input > 0).sum() == session.prepared(0).mask_to_model(blob[4]).sum()
+        assert session.with_previous_answer(0, [box_only], blob[4])[0].mask_input is None
+        assert with_point.mask_input is None  # the caller's prompts are not modified
+    finally:
+        del backend.previous_answer_input
 
 
 def test_2d_or_4d_image_is_rejected(litemedsam):

@@ -68,6 +68,27 @@ def test_batched_decoder_matches_backend_decode(T, torch_backend):
         assert abs(float(iou[i]) - res.score) < 1e-4
 
 
+def test_batched_decoder_with_previous_answer_matches_backend_decode(T, torch_backend):
+    """The training's mask input is the product's: previous_answer_logits through the prompt encoder."""
+    from FewShotSAMLib.sam.litemedsam import previous_answer_logits
+
+    emb = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(1)) * 0.3
+    previous = np.zeros((256, 256), bool)
+    previous[60:160, 50:150] = True
+    s = T.PromptSet([(100, 120), (70, 60)], [1, 0], np.array([50, 60, 180, 200], np.float32), 0, None, None)
+    with torch.no_grad():
+        logits, iou = T.decode_batch(torch_backend.model, emb, T.tokens_of(torch_backend.model.prompt_encoder, [s]),
+                                     torch.from_numpy(previous_answer_logits(previous[None])))
+        plain, _ = T.decode_batch(torch_backend.model, emb, T.tokens_of(torch_backend.model.prompt_encoder, [s]))
+    pts, lab = np.array(s.points, np.float32), np.array(s.labels)
+    box = np.array([s.box[1], s.box[0], s.box[3], s.box[2]])
+    res = torch_backend.decode(emb[0], Prompts(pts[lab == 1], pts[lab == 0], box,
+                                               mask_input=previous_answer_logits(previous)))
+    np.testing.assert_allclose(logits[0].numpy(), res.logits, atol=1e-3)
+    assert abs(float(iou[0]) - res.score) < 1e-4
+    assert np.abs(logits - plain).max() > 1e-2  # the mask input is read
+
+
 def test_prompt_sampling(T):
     rng = np.random.default_rng(0)
     target = square()
@@ -99,7 +120,8 @@ def test_training_step_updates_only_the_decoder_side(T):
     params = T.trainable_parameters(model)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names and all(n.startswith(T.TRAINED_PREFIXES) for n in names)
-    assert not any(n.startswith("prompt_encoder.mask_downscaling") for n in names)
+    assert any(n.startswith("prompt_encoder.mask_downscaling") for n in names)  # reads the previous answer
+    assert not any(n.startswith(("prompt_encoder.pe_layer", "prompt_encoder.no_mask_embed")) for n in names)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(params, lr=1e-4)
     rng = np.random.default_rng(0)
@@ -110,11 +132,14 @@ def test_training_step_updates_only_the_decoder_side(T):
     data = [T.SliceTargets(f"s{i}", (torch.randn(256, 64, 64) * 0.3).half(), valid, [target, holed], i % 2 == 0)
             for i in range(3)]
     seen = set()
-    for _ in range(12):
+    for _ in range(40):  # until a box-only step and an interactive step with the previous answer ran
         row = T.train_step(model, reference, opt, data, rng, batch=2)
         seen.add(row["mode"])
+        seen.add("previous" if row["previous"] else "no previous")
         assert np.isfinite(row["loss"])
-    assert seen >= {"box", "points"}
+        if seen >= {"box", "previous"}:
+            break
+    assert seen >= {"box", "previous"}
     after = model.state_dict()
     changed = {k for k in after if not torch.equal(after[k], before[k])}
     assert changed and all(k.startswith(T.TRAINED_PREFIXES) for k in changed)

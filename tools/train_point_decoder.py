@@ -52,13 +52,16 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from FewShotSAMLib.clicks import corrective_click, interior_point  # noqa: E402
+from FewShotSAMLib.sam.litemedsam import previous_answer_logits  # noqa: E402
 
 log = logging.getLogger("train_point_decoder")
 
 EXCLUDED_TOTALSEG_LABELS = (30, 31, 32)  # the vertebrae the click benchmark and the hole test measure on
 MODES = ("box", "box+clicks", "points", "ring", "remove")
-MODE_WEIGHTS = (0.15, 0.35, 0.2, 0.2, 0.1)
-TRAINED_PREFIXES = ("mask_decoder.", "prompt_encoder.point_embeddings.", "prompt_encoder.not_a_point_embed.")
+MODE_WEIGHTS = (0.1, 0.4, 0.15, 0.2, 0.15)
+PREVIOUS_SHARE = 0.75  # share of interactive prompt sets whose decodes after a click see the previous answer
+TRAINED_PREFIXES = ("mask_decoder.", "prompt_encoder.point_embeddings.", "prompt_encoder.not_a_point_embed.",
+                    "prompt_encoder.mask_downscaling.")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -174,14 +177,20 @@ def sparse_tokens(prompt_encoder: torch.nn.Module, coords: torch.Tensor, kinds: 
     return torch.where(pad, prompt_encoder.not_a_point_embed.weight[0].expand_as(out), out)
 
 
-def decode_batch(model: torch.nn.Module, emb: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_batch(model: torch.nn.Module, emb: torch.Tensor, tokens: torch.Tensor,
+                 previous: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The first mask token's low-res logits (B, 256, 256) and predicted IoU (B,) for B images, each with
-    its own prompt tokens (B, T, C); SAM's ``predict_masks`` without its repeat over prompts."""
+    its own prompt tokens (B, T, C); SAM's ``predict_masks`` without its repeat over prompts. ``previous``
+    (B, 256, 256) is the mask input (``previous_answer_logits`` of the answer being corrected); None: the
+    "no mask" vector."""
     d, pe_enc = model.mask_decoder, model.prompt_encoder
     b = emb.shape[0]
     out_tokens = torch.cat([d.iou_token.weight, d.mask_tokens.weight], 0)[None].expand(b, -1, -1)
     all_tokens = torch.cat([out_tokens, tokens], 1)
-    src = emb + pe_enc.no_mask_embed.weight.reshape(1, -1, 1, 1)
+    if previous is None:
+        src = emb + pe_enc.no_mask_embed.weight.reshape(1, -1, 1, 1)
+    else:
+        src = emb + pe_enc.mask_downscaling(previous[:, None])
     hs, src = d.transformer(src, pe_enc.get_dense_pe(), all_tokens)
     c, hh, ww = emb.shape[1:]
     src = src.transpose(1, 2).reshape(b, c, hh, ww)
@@ -373,9 +382,12 @@ def train_step(model, reference, optimizer, data: Sequence[SliceTargets], rng: n
     emb = torch.stack([it.embedding for it in items]).float()
     valid = torch.from_numpy(np.stack([s.valid for s in sets]).astype(np.float32))
     model.train()
+    with_previous = clicks > 0 and rng.random() < PREVIOUS_SHARE
+    previous: Optional[np.ndarray] = None  # bool (B, S, S): the answer being corrected
 
     def forward():
-        return decode_batch(model, emb, tokens_of(model.prompt_encoder, sets))
+        mask_input = torch.from_numpy(previous_answer_logits(previous)) if with_previous else None
+        return decode_batch(model, emb, tokens_of(model.prompt_encoder, sets), mask_input)
 
     if mode in ("box", "ring") or (mode == "points" and clicks == 0):
         if mode == "box" and reference is not None:
@@ -401,7 +413,7 @@ def train_step(model, reference, optimizer, data: Sequence[SliceTargets], rng: n
     torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
     optimizer.step()
     model.eval()
-    return {"mode": mode, "clicks": clicks, "loss": loss.item(), "seg": seg.item(), "iou": iou_loss.item(),
+    return {"mode": mode, "clicks": clicks, "previous": with_previous, "loss": loss.item(), "seg": seg.item(), "iou": iou_loss.item(),
             "dice": float(2 * inter / total * 100) if total > 0 else 100.0}
 
 
@@ -455,6 +467,10 @@ def run(args) -> int:
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     step, rows = 0, []
     rng = np.random.default_rng(args.seed)
+    if args.init and not ckpt_path.exists():  # continue from shipped weights (float16 -> float32)
+        init = torch.load(args.init, map_location="cpu", weights_only=True)
+        model.load_state_dict({k: v.float() for k, v in init.items()}, strict=False)
+        log.info("initialised the trained parts from %s", args.init)
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         model.load_state_dict(ck["trained"], strict=False)
@@ -525,9 +541,10 @@ def export(args) -> int:
                             f"{list(EXCLUDED_TOTALSEG_LABELS)}",
                  "files": files},
         "modes": dict(zip(MODES, MODE_WEIGHTS)),
+        "previous_answer": {"share": PREVIOUS_SHARE, "logit": float(previous_answer_logits(np.ones((1, 1), bool))[0, 0])},
         "command": "python tools/train_point_decoder.py " + " ".join(
-            f"--{k} {rel(v) if k in ('chaos', 'totalseg') else v}" for k, v in a.items()
-            if k in ("steps", "batch", "lr", "seed", "chaos", "totalseg") and v is not None),
+            f"--{k} {rel(v) if k in ('chaos', 'totalseg', 'init') else v}" for k, v in a.items()
+            if k in ("steps", "batch", "lr", "seed", "chaos", "totalseg", "init") and v is not None),
         "final_loss_mean_last_200": round(float(np.mean([r["loss"] for r in rows[-200:]])), 4),
         "date": datetime.date.today().isoformat(),
     }
@@ -550,6 +567,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--minutes", type=float, default=115.0, help="stop (resumably) after this long")
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default=None, help="start from these decoder weights (e.g. shipped ones)")
     p.add_argument("--export", action="store_true", help="write the shipped weights from the checkpoint")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)

@@ -342,6 +342,9 @@ class PromptEditor:
 
                     box = slice_to_volume_index(s.axis, k, [[rows.min(), cols.min()], [rows.max(), cols.max()]])
             prompts = s.session.prompts_from_voxels(s.axis, pts.fg, pts.bg, box)
+            # the segment as it is now is the answer being corrected (SAM's or painted by hand)
+            prompts = s.session.with_previous_answer(s.axis, prompts if isinstance(prompts, list) else [prompts],
+                                                     before_slices[k])
             mask2d, _score = s.session.decode_slice(s.axis, k, prompts)
             new[k] = mask2d
         write_segment_slices(s.segmentation_node, s.segment_id, s.volume_node, s.axis, new)

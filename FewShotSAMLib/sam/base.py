@@ -488,6 +488,12 @@ class SamBackend:
     batch_size: int = 4
     auto_export_encoder: bool = False  # runtime 'auto' may export the encoder (small encoders only)
 
+    def previous_answer_input(self, mask: np.ndarray) -> Optional[np.ndarray]:
+        """The mask input that shows the decoder the answer being corrected (``mask``: bool, model frame),
+        or None when the decoder was not trained to read one (then a corrective re-run sees only the
+        points and the box)."""
+        return None
+
     def __init__(self, model: torch.nn.Module, device: str | torch.device = "auto", *,
                  precision: Optional[str] = None, fuse: bool = False, channels_last: Optional[bool] = None,
                  compile: Optional[bool] = None, runtime: Optional[str] = None,

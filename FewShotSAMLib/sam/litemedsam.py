@@ -17,6 +17,7 @@ import types
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from ..errors import UserInputError
@@ -28,6 +29,17 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 # variant name -> the decoder weights that replace the embedded ones (None: the embedded LiteMedSAM)
 VARIANTS: dict[str, Optional[str]] = {"litemedsam": None, "litemedsam-points": "litemedsam_points.pt"}
+
+
+# The mask input that shows the point-aware decoder the answer being corrected (trained with this form, a
+# binary answer as +/- logits, so a slice the user painted by hand is read the same way as SAM's own answer).
+PREVIOUS_ANSWER_LOGIT = 10.0
+
+
+def previous_answer_logits(mask: np.ndarray) -> np.ndarray:
+    """``mask`` (bool, the model frame's low-res grid; any leading axes) as the decoder's mask input:
+    +PREVIOUS_ANSWER_LOGIT inside, minus that outside (float32)."""
+    return np.where(np.asarray(mask, bool), PREVIOUS_ANSWER_LOGIT, -PREVIOUS_ANSWER_LOGIT).astype(np.float32)
 
 
 def variant_decoder_path(variant: str) -> Optional[Path]:
@@ -172,6 +184,9 @@ class LiteMedSAMBackend(SamBackend):
             self.name, self.encoder_name = variant, "litemedsam"
         self.checkpoint = str(path)
         self.decoder_checkpoint = str(decoder_path) if decoder_path else None
+        # decoders trained with the previous answer as mask input say so in their metadata
+        self._reads_previous = bool(decoder_path and "previous_answer" in
+                                    json.loads(decoder_path.with_suffix(".json").read_text()))
         super().__init__(model, device, precision=precision, fuse=fuse, channels_last=channels_last,
                          compile=compile, runtime=runtime, decoder_runtime=decoder_runtime)
         self._box_decoder: Optional[_BoxDecoder] = None
@@ -180,6 +195,10 @@ class LiteMedSAMBackend(SamBackend):
                                             precision=self.precision, runtime="torch",
                                             decoder_runtime=self._decoder_runtime_asked)
         log.info("LiteMedSAM loaded from %s (%s)", path, self.describe())
+
+    def previous_answer_input(self, mask: np.ndarray) -> Optional[np.ndarray]:
+        """``previous_answer_logits`` of ``mask`` when the point-aware decoder was trained to read it."""
+        return previous_answer_logits(mask) if self._reads_previous else None
 
     def decode(self, embedding: torch.Tensor, prompts, multimask: bool = False) -> DecodeResult:
         """SamBackend.decode; in ``litemedsam-points`` a box alone goes to the embedded decoder."""
