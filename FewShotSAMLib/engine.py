@@ -256,7 +256,7 @@ class VolumeSession:
             boxes.append(np.concatenate([c.min(0), c.max(0)]))
         if len(boxes) > 1:
             return split_by_boxes(Prompts(model(fg), model(bg)), np.stack(boxes))
-        if not boxes and len(corners):  # a single stray corner: keep the old min/max behaviour
+        if not boxes and len(corners):  # a single stray corner: its box is the min/max of the corners given
             c = model(corners)
             boxes = [np.concatenate([c.min(0), c.max(0)])]
         return Prompts(model(fg), model(bg), boxes[0] if boxes else None)

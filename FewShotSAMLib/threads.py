@@ -27,9 +27,9 @@ def single_threaded_blas() -> Iterator[None]:
 def one_torch_thread() -> Iterator[None]:
     """Run the block's torch operations on one thread, restoring torch's thread count after it.
 
-    For small work between decodes (an embedding's float16 -> float32 cast, about 0.1 ms on one thread):
-    on two threads it would wake torch's thread pool, whose workers then spin on the cores the next decode
-    needs (docs/PERFORMANCE.md, eighth session). Setting the count costs about a microsecond."""
+    For small work between decodes (an embedding's float16 -> float32 cast): on two threads it would wake
+    torch's thread pool, whose workers then spin on the cores the next decode needs. Setting the count is
+    cheap enough to do around every such call (figures in docs/PERFORMANCE.md)."""
     import torch
 
     threads = torch.get_num_threads()

@@ -328,7 +328,7 @@ def test_numpy_sparse_prompt_embedding_matches_the_prompt_encoder(build):
 
 def test_point_only_decode_has_one_padding_token(files):
     """A decode from points alone gives what SAM's predictor gives: the prompt encoder's single padding
-    token closes the sequence (an earlier version added a second one)."""
+    token closes the sequence (the backend adds none of its own)."""
     backend = LiteMedSAMBackend(files["litemedsam"], device="cpu", runtime="torch", decoder_runtime="torch")
     model = backend.model
     emb = torch.randn(256, 64, 64, generator=torch.Generator().manual_seed(5))

@@ -328,7 +328,7 @@ class OnnxDecoder(_ExportedDecoder):
         options.intra_op_num_threads = decoder_threads()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # its worker threads sleep when a decode ends instead of spinning on the cores that the encoder,
-        # the generators and (in Slicer) the application need next (docs/PERFORMANCE.md, fifth session)
+        # the generators and (in Slicer) the application need next (docs/PERFORMANCE.md)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(self._graph(with_mask), options, providers=["CPUExecutionProvider"])
         return lambda feed: tuple(session.run(None, feed))
@@ -681,7 +681,7 @@ class SamBackend:
         if not coords and box is None and prompts.mask_input is None:
             raise ValueError("decode needs at least one point, a box or a mask input")
         # Points and box corners are embedded in numpy (SAM's own arithmetic and weights; a padding point
-        # closes a sequence without a box, as in SAM's predictor): in PyTorch these tiny operations waited
+        # closes a sequence without a box, as in SAM's predictor): in PyTorch these tiny operations wait
         # for the thread pool on every decode (sam/prompt_embedding.py).
         if self._sparse_embedding is None:
             self._sparse_embedding = SparsePromptEmbedding(self.model.prompt_encoder)

@@ -2,12 +2,12 @@
 
 SAM's ``PromptEncoder`` turns each point or box corner into a 256-vector: a random-Fourier positional
 encoding of its normalised position plus a learnt vector for its kind (background point, foreground point,
-padding, top-left or bottom-right corner). In PyTorch that is a handful of tiny operations, yet on CPU it
-cost about 20 ms per decode here: each one waits for the intra-op thread pool, whose cores the ONNX Runtime
-decoder's threads are still holding (docs/PERFORMANCE.md, fifth session). The same arithmetic in numpy
-takes microseconds and never touches a thread pool. The weights are read from the model's own prompt
-encoder, so every SAM family with the reference ``PromptEncoder`` (SAM ViT-H/L/B, MobileSAM, LiteMedSAM)
-gets its own embedding; a test checks it against the PyTorch module.
+padding, top-left or bottom-right corner). In PyTorch that is a handful of tiny operations, yet on CPU
+each one waits for the intra-op thread pool, whose cores the exported decoder's threads are still holding,
+which costs a large share of a decode (docs/PERFORMANCE.md). The same arithmetic in numpy never touches a
+thread pool. The weights are read from the model's own prompt encoder, so every SAM family with the
+reference ``PromptEncoder`` (SAM ViT-H/L/B, MobileSAM, LiteMedSAM) gets its own embedding; a test checks
+it against the PyTorch module.
 """
 
 from __future__ import annotations
