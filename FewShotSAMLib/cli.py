@@ -80,9 +80,8 @@ def _return_freed_memory_to_the_system() -> None:
     """With glibc, serve blocks of 128 KiB and more from mmap so that freeing them returns the memory.
 
     glibc raises that threshold as large blocks are freed; the encoder's transient buffers then come from
-    the heap, which fragments and keeps the process's resident memory high on a large CT (measured here,
-    200 slices of a 512 x 512 x 600 CT: peak 2.29 GB with the fixed threshold against 2.48 GB, see
-    docs/PERFORMANCE.md). Set only for the command-line job, whose process is ours; other platforms: no-op."""
+    the heap, which fragments and keeps the process's resident memory high on a large CT (docs/PERFORMANCE.md
+    has the figure). Set only for the command-line job, whose process is ours; other platforms: no-op."""
     import ctypes
     import ctypes.util
 

@@ -12,9 +12,8 @@ def single_threaded_blas() -> Iterator[None]:
 
     The prompt generators do small numpy matrix products between decodes. A multi-threaded OpenBLAS
     leaves its worker threads busy-waiting for a while after each product, and on a small machine they
-    take the cores the mask decoder needs next: measured here, a decode slowed from about 60 to about
-    100 ms when a 4096 x 256 product ran before it (docs/PERFORMANCE.md). The products are too small to
-    gain from threads. Without threadpoolctl the block runs unchanged."""
+    take the cores the mask decoder needs next, which slows the decode (docs/PERFORMANCE.md has the
+    figure). The products are too small to gain from threads. Without threadpoolctl the block runs unchanged."""
     controller = _controller()
     if controller is None:
         yield

@@ -89,6 +89,20 @@ def test_batched_decoder_with_previous_answer_matches_backend_decode(T, torch_ba
     assert np.abs(logits - plain).max() > 1e-2  # the mask input is read
 
 
+def test_an_empty_target_is_learnt_from_the_leak_it_removes(T):
+    """A slice past the target's end: the loss is large while an answer remains and vanishes without it
+    (a soft Dice of an empty target stays near 1 either way)."""
+    valid = torch.ones(1, 256, 256)
+    empty = torch.zeros(1, 256, 256)
+    leak = torch.full((1, 256, 256), -10.0)
+    leak[0, 100:120, 100:120] = 5.0
+    assert float(T.seg_loss(leak, empty, valid)) > 2.0
+    assert float(T.seg_loss(torch.full((1, 256, 256), -10.0), empty, valid)) < 0.1
+    target = torch.zeros(1, 256, 256)
+    target[0, 100:120, 100:120] = 1
+    assert float(T.seg_loss(leak, target, valid)) < 0.05  # a non-empty target: cross-entropy + Dice as before
+
+
 def test_prompt_sampling(T):
     rng = np.random.default_rng(0)
     target = square()

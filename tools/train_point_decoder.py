@@ -315,14 +315,23 @@ def add_corrective_clicks(sets: list[PromptSet], predictions: np.ndarray) -> Non
         s.labels.append(1 if fg else 0)
 
 
+EMPTY_MIN_AREA = 64.0  # pixels: the floor of an empty target's loss normaliser
+
+
 def seg_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Per-item binary cross-entropy plus soft Dice over the valid pixels (targets may be soft)."""
-    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    bce = (bce * valid).sum((1, 2)) / valid.sum((1, 2))
+    """Per-item binary cross-entropy plus soft Dice over the valid pixels (targets may be soft).
+
+    An empty target (a slice past the target's end) has no Dice gradient worth the name (1 - 1 / (S + 1)
+    for a predicted mass S), and its cross-entropy averaged over the image weighs a leak of a few hundred
+    pixels at a few hundredths: its loss is instead the cross-entropy summed and divided by the predicted
+    mass (at least EMPTY_MIN_AREA px), as strong per pixel as the Dice of a target of that size."""
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * valid
     p = torch.sigmoid(logits) * valid
     t = targets * valid
     dice = 1 - (2 * (p * t).sum((1, 2)) + 1) / (p.sum((1, 2)) + t.sum((1, 2)) + 1)
-    return bce + dice
+    full = bce.sum((1, 2)) / valid.sum((1, 2)) + dice
+    empty = bce.sum((1, 2)) / p.sum((1, 2)).detach().clamp(min=EMPTY_MIN_AREA)
+    return torch.where(t.sum((1, 2)) > 0, full, empty)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -481,7 +490,12 @@ def run(args) -> int:
     if step >= args.steps:
         log.info("already trained for %d steps", step)
         return 0
-    data = load_data(args)
+    data_path = work / "data.pt"  # the training slices (superpixels take minutes): kept for resumed runs
+    if data_path.exists():
+        data = torch.load(data_path, map_location="cpu", weights_only=False)
+    else:
+        data = load_data(args)
+        _atomic_save(data, data_path)
     log.info("%d training slices, %d targets", len(data), sum(len(d.targets) for d in data))
     model.eval()
     t_end = time.time() + args.minutes * 60
