@@ -1,13 +1,13 @@
 """Command line: argument parsing and output only; the work is done by the library's modules.
 
-Subcommands: segment (the main job), evaluate, train, bench, demo. Each non-``segment`` subcommand lives
-in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``, imported only when used.
+One subcommand: ``segment`` (the main job). The research commands that it once had (evaluate, bench,
+train, demo) are the lab's, in a source checkout: ``python tools/lab.py COMMAND``; naming one here
+says so in one sentence.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 import time
@@ -17,12 +17,8 @@ from .errors import CancelledError, UserInputError
 
 log = logging.getLogger("FewShotSAMLib")
 
-SUBCOMMANDS = {
-    "evaluate": ("FewShotSAMLib.evaluate", "Evaluate prompt generators on CHAOS (few-shot or product protocol)."),
-    "train": ("FewShotSAMLib.fob.train", "Train the FoB prompt generator self-supervised on unlabeled volumes."),
-    "bench": ("FewShotSAMLib.bench", "Measure encoder, generator and decoder speed and memory."),
-    "demo": ("FewShotSAMLib.demo", "Run the main job on a real MRI that an installed package ships."),
-}
+# Subcommands of earlier versions, now research tooling -> their command in the lab (tools/lab.py).
+MOVED_TO_LAB = {"evaluate": "evaluate", "bench": "bench", "train": "train-fob", "demo": "demo"}
 
 
 def parse_window(text: Optional[str]) -> Optional[tuple[float, float]]:
@@ -185,35 +181,37 @@ def run_segment(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser (subcommand modules are imported only for their own --help)."""
+    """The full argument parser."""
     parser = argparse.ArgumentParser(prog="python -m FewShotSAMLib",
                                      description="Segment a whole CT/MRI volume from one painted slice with SAM.")
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
     sub = parser.add_subparsers(dest="command", required=True)
     add_segment_arguments(sub.add_parser("segment", help="Segment a volume from a painted example (the main job)."))
-    for name, (_, help_text) in SUBCOMMANDS.items():
-        sub.add_parser(name, help=help_text, add_help=False)
     return parser
+
+
+def moved_to_lab(argv: Sequence[str]) -> Optional[str]:
+    """The one-sentence error for a research subcommand that moved to the lab, or None."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in MOVED_TO_LAB:
+        return None
+    return (f"'{command}' is research tooling and no longer part of the installed library; from a source "
+            f"checkout run: python tools/lab.py {MOVED_TO_LAB[command]} ...")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m FewShotSAMLib``; returns the exit code (2 for bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
+    moved = moved_to_lab(argv)
+    if moved:
+        print(f"error: {moved}", file=sys.stderr)
+        return 2
+    args = build_parser().parse_args(argv)
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.DEBUG if args.verbose else (logging.ERROR if quiet else logging.INFO),
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        if args.command == "segment":
-            if rest:
-                parser.error(f"unrecognized arguments: {' '.join(rest)}")
-            return run_segment(args)
-        module = importlib.import_module(SUBCOMMANDS[args.command][0])
-        sub = argparse.ArgumentParser(prog=f"python -m FewShotSAMLib {args.command}",
-                                      description=SUBCOMMANDS[args.command][1])
-        module.add_arguments(sub)
-        return int(module.run(sub.parse_args(rest)) or 0)
+        return run_segment(args)
     except UserInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -4,7 +4,7 @@ point where the target was missed and a background point where the answer leaked
 judges the answers (also the evaluation harness's).
 
 Used by the click benchmark (``evaluate --protocol clicks``) and by the training of the point-aware
-LiteMedSAM decoder (tools/train_point_decoder.py), so that both simulate the same user.
+LiteMedSAM decoder (tools/fewshotsam_lab/point_decoder.py), so that both simulate the same user.
 """
 
 from __future__ import annotations

@@ -3,9 +3,16 @@ evaluation harness all use.
 
 numpy in, numpy out, no file I/O: ``segment_volume(image, spacing, example_mask, ...)`` propagates
 outward from the painted slice(s), each query slice prompted from its nearest painted slice, finds the
-target's extent automatically (or takes a forced range), and keeps the 3D result connected to the
-example. ``VolumeSession`` keeps the backend, the prepared slices and the embedding cache so that several
-segments, and re-runs of single slices after a prompt edit, never re-encode a slice.
+target's extent automatically (``extent.py``) or takes a forced range, and keeps the 3D result connected
+to the example. ``VolumeSession`` keeps the backend, the prepared slices and the embedding cache so that
+several segments, and re-runs of single slices after a prompt edit, never re-encode a slice.
+
+Why one file of about 600 lines: the steps of ``VolumeSession.segment`` (``plan_runs``, the encoding along
+a run, ``_follow_run``, ``_segment_piece``, ``_assemble``), the pieces and holes of a target
+(``FollowedPiece``, ``PieceAnswer``, ``_follow_holes``, ``_merge_pieces``) and the re-run of edited prompts
+all work on one session's state (prepared slices, embedding cache, backend) and share the result types;
+what stands on its own is elsewhere: the extent rules in ``extent.py``, the 2D mask helpers in
+``shape.py``, the prepared slices in ``slices.py``.
 """
 
 from __future__ import annotations
@@ -13,37 +20,25 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
 from .errors import CancelledError, UserInputError
+from .extent import Extent, ExtentRules, TargetEvidence, accept_slice, resolve_extent
 from .prompts import DEFAULT_GENERATOR, Prompts, QueryContext, Support, make_generator
 from .prompts.base import PromptGenerator
 from .sam.names import DEFAULT_SAM
 from .threads import single_threaded_blas
-from .shape import ShapeRules, analyse_slice, fill_holes, holes, inner_point, overlap_fraction
-from .slices import PreparedVolume
+from .shape import ShapeRules, analyse_slice, fill_holes, holes, inner_point, mask_box, overlap_fraction
+from .slices import OUTSIDE_LOGIT, PreparedVolume
 from .volume import Intensity, choose_axis, choose_intensity, painted_slices, slice_to_volume_index, volume_index_to_slice
 
 log = logging.getLogger(__name__)
 
-Extent = Union[str, tuple[int, int]]
 Progress = Callable[[int, int], None]
-
-
-@dataclass
-class ExtentRules:
-    """When automatic extent stops propagating outward from the painted slice (first failing slice is
-    dropped). Areas are fractions of the support mask's area."""
-
-    min_presence: float = 0.5
-    min_area_fraction: float = 0.03
-    max_area_growth: float = 2.5  # vs the neighbour's area
-    min_overlap: float = 0.3  # |mask & neighbour| / |mask|
-    min_score: float = 0.3
-    min_evidence: float = 0.0  # cos(mask features, target prototype) - cos(mask features, ring prototype)
-    ring: tuple[int, int] = (3, 12)  # inner/outer dilation (model-frame pixels at 256) of the support ring
+__all__ = ["Extent", "ExtentRules", "FollowedPiece", "PieceAnswer", "Run", "SegmentationResult", "SlicePrompts",
+           "TargetEvidence", "VolumeSession", "keep_connected_to", "plan_runs", "segment_volume", "split_by_boxes"]
 
 
 @dataclass
@@ -54,18 +49,33 @@ class SlicePrompts:
     piece, and ``fg``/``bg`` are all the pieces' points together, ``box`` their boxes stacked (two corners
     per piece, (2k, 3)). ``hole_bg`` are the background points placed inside holes of the target (also
     in ``bg``, so everything that draws ``bg`` shows them).
+
+    The engine's answers fill every field; an edit given to ``VolumeSession.segment_from_prompts`` needs
+    only ``slice_index``, ``fg``, ``bg`` and ``box`` (and ``pieces`` / ``hole_bg`` for a target in pieces).
     """
 
     slice_index: int
     fg: np.ndarray  # (N, 3)
     bg: np.ndarray  # (M, 3)
     box: Optional[np.ndarray]  # (2, 3) corners (2k, 3 for k pieces), or None
-    score: float
-    presence: float
-    support_index: int
-    model: Prompts  # the same prompts in the model frame (what the backend saw; the first piece's)
+    score: float = 0.0
+    presence: float = 1.0
+    support_index: int = -1
+    model: Optional[Prompts] = None  # the same prompts in the model frame (what the backend saw; the first piece's)
     pieces: list["SlicePrompts"] = field(default_factory=list)  # per piece, when there are several
     hole_bg: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))  # (K, 3), part of bg
+
+    @classmethod
+    def from_dict(cls, slice_index: int, entry: Mapping) -> "SlicePrompts":
+        """An edit given as ``{'fg', 'bg', 'box', 'hole_bg', 'pieces'}`` (numpy-order voxel indices; 'box',
+        'hole_bg' and 'pieces', a list of such dicts, are optional)."""
+        def voxels(v) -> np.ndarray:
+            return np.asarray(v, dtype=float).reshape(-1, 3)
+
+        box, hole = entry.get("box"), entry.get("hole_bg")
+        return cls(int(slice_index), voxels(entry["fg"]), voxels(entry["bg"]), None if box is None else voxels(box),
+                   pieces=[cls.from_dict(slice_index, p) for p in entry.get("pieces") or []],
+                   hole_bg=np.zeros((0, 3)) if hole is None else voxels(hole))
 
 
 @dataclass
@@ -85,43 +95,6 @@ class SegmentationResult:
         """Slices with a non-empty result (painted ones included)."""
         other = tuple(a for a in range(3) if a != self.axis)
         return np.flatnonzero(self.mask.any(axis=other)).tolist()
-
-
-def _pool(embedding, mask: np.ndarray) -> np.ndarray:
-    """Mean embedding vector (C,) under a model-frame mask, area-weighted on the embedding grid."""
-    from .prompts import features
-
-    weights = features.mask_to_grid(mask, embedding.shape[-2:])
-    return features.masked_prototype(embedding, weights, normalise=False)
-
-
-def _cos(a: np.ndarray, b: np.ndarray) -> float:
-    return float(a @ b / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-8))
-
-
-class TargetEvidence:
-    """Does a predicted query mask look like the support's target or like the ring of tissue around it?
-
-    Prototypes are the support embedding pooled under the target and under a ring just outside it;
-    ``score(query_embedding, mask)`` is cos(mask mean, target) - cos(mask mean, ring): positive when the
-    mask holds the target, negative when propagation has drifted onto the surroundings.
-    """
-
-    def __init__(self, support: Support, ring: tuple[int, int], input_size: int) -> None:
-        from scipy import ndimage
-
-        scale = input_size / 256.0
-        inner = ndimage.binary_dilation(support.mask, iterations=max(1, int(round(ring[0] * scale))))
-        outer = ndimage.binary_dilation(support.mask, iterations=max(2, int(round(ring[1] * scale))))
-        self.target = _pool(support.embedding, support.mask)
-        self.ring = _pool(support.embedding, outer & ~inner)
-
-    def score(self, embedding, mask: np.ndarray) -> float:
-        """Evidence in [-2, 2] that ``mask`` on ``embedding`` is the target."""
-        if not mask.any():
-            return -2.0
-        f = _pool(embedding, mask)
-        return _cos(f, self.target) - _cos(f, self.ring)
 
 
 def keep_connected_to(mask: np.ndarray, seed: np.ndarray) -> np.ndarray:
@@ -151,8 +124,35 @@ def keep_connected_to(mask: np.ndarray, seed: np.ndarray) -> np.ndarray:
     return union
 
 
+class Run(NamedTuple):
+    """One propagation run: slices ``start``, ``start + step``, ... up to ``stop`` (excluded), prompted
+    from the painted slice ``origin`` just before ``start``."""
+
+    start: int
+    stop: int
+    step: int  # +1 or -1
+    stoppable: bool  # automatic extent may end the run
+
+    @property
+    def origin(self) -> int:
+        """The painted slice the run starts from."""
+        return self.start - self.step
+
+
+def plan_runs(painted: Sequence[int], lo: int, hi: int, forced: bool) -> list[Run]:
+    """The runs outward from the painted slices (sorted) within ``lo``..``hi``: beyond the last and before
+    the first (stoppable unless the range is ``forced``), and between two painted slices each half from
+    its own side (never stopped early)."""
+    runs = [Run(painted[-1] + 1, hi + 1, 1, not forced), Run(painted[0] - 1, lo - 1, -1, not forced)]
+    for a, b in zip(painted[:-1], painted[1:]):
+        mid = (a + b) // 2
+        runs.append(Run(a + 1, mid + 1, 1, False))
+        runs.append(Run(b - 1, mid, -1, False))
+    return runs
+
+
 @dataclass
-class _Piece:
+class FollowedPiece:
     """One piece of the target followed outward from a painted slice (its own prompts and extent)."""
 
     support: Support  # the painted slice's embedding with this piece's mask
@@ -160,6 +160,34 @@ class _Piece:
     neighbour: np.ndarray  # model-frame mask of the piece on the last accepted slice
     holes: list  # model-frame masks of the piece's holes on the last accepted slice
     alive: bool = True
+
+
+class PieceAnswer(NamedTuple):
+    """SAM's answer for one piece of the target on one slice (model frame)."""
+
+    prompts: Prompts
+    score: float
+    hole_points: np.ndarray  # (K, 2) background points placed in the piece's holes (part of prompts.bg_points)
+    logits: Optional[np.ndarray] = None  # (S, S) float32, OUTSIDE_LOGIT outside the image (propagation only)
+
+
+class _Ticker:
+    """Progress ``(done, total)`` after each slice and the cancel check."""
+
+    def __init__(self, total: int, progress: Optional[Progress], cancel: Optional[Callable[[], bool]]) -> None:
+        self.total, self.done, self.progress, self.cancel = total, 0, progress, cancel
+
+    def check_cancel(self) -> None:
+        """CancelledError when the caller asked to stop."""
+        if self.cancel is not None and self.cancel():
+            raise CancelledError("cancelled")
+
+    def tick(self, k: int = 1) -> None:
+        """``k`` more slices done: report, then honour a cancel."""
+        self.done += k
+        if self.progress is not None:
+            self.progress(min(self.done, self.total), self.total)
+        self.check_cancel()
 
 
 def _stack_points(parts: Sequence[np.ndarray]) -> np.ndarray:
@@ -277,7 +305,7 @@ class VolumeSession:
             if p.is_empty:
                 continue
             res = self.backend.decode(emb, p)
-            logits = np.where(pv.valid, res.logits, -20.0)
+            logits = np.where(pv.valid, res.logits, OUTSIDE_LOGIT)
             out |= pv.frame.to_native(logits) > 0
             scores.append(float(res.score))
         return out, (float(np.mean(scores)) if scores else 0.0)
@@ -316,112 +344,97 @@ class VolumeSession:
         rules = rules or ExtentRules()
         axis = choose_axis(example, self.spacing) if axis is None else int(axis)
         pv = self.prepared(axis)
-        n = pv.n_slices
         painted = painted_slices(example, axis).tolist()
         ex_slices = np.moveaxis(example, axis, 0)
+        lo, hi, forced = resolve_extent(extent, pv.n_slices)
+        ticker = _Ticker(max(1, hi - lo + 1), progress, cancel)
+        ticker.check_cancel()
 
-        if extent == "auto" or extent is None:
-            lo, hi, forced = 0, n - 1, False
-        else:
-            lo, hi = int(extent[0]), int(extent[1])
-            if not (0 <= lo <= hi < n):
-                raise UserInputError(
-                    f"The slice range {lo}:{hi} is outside the volume, which has slices 0 to {n - 1} along the "
-                    f"slicing axis; pick a range inside it.")
-            forced = True
-
-        # Supports: the painted slices, encoded first.
-        total = max(1, hi - lo + 1)
-        done = 0
-
-        def tick(k: int = 1) -> None:
-            nonlocal done
-            done += k
-            if progress is not None:
-                progress(min(done, total), total)
-            if cancel is not None and cancel():
-                raise CancelledError("cancelled")
-
-        if cancel is not None and cancel():
-            raise CancelledError("cancelled")
+        # Supports: the painted slices, encoded first, and the pieces and holes of each.
         supports: dict[int, Support] = {}
         for p, emb in zip(painted, pv.embeddings(self.cache, painted)):
             supports[p] = Support(emb, pv.mask_to_model(ex_slices[p]), p)
         scale = self.backend.input_size / 256.0
         layouts = {p: analyse_slice(supports[p].mask, shape_rules, scale) for p in painted}
 
-        out = np.zeros((n,) + pv.slices.shape[1:], bool)
+        out = np.zeros((pv.n_slices,) + pv.slices.shape[1:], bool)
         for p in painted:
             out[p] = ex_slices[p]
         result = SegmentationResult(mask=np.zeros((0, 0, 0), bool), axis=axis, painted=painted,
                                     intensity=self.intensity)  # the mask is set at the end
-
-        # Runs: (start, stop, step, stoppable) outward from the painted slices; between two painted
-        # slices each half is propagated from its own side.
-        runs: list[tuple[int, int, int, bool]] = []
-        runs.append((painted[-1] + 1, hi + 1, 1, not forced))
-        runs.append((painted[0] - 1, lo - 1, -1, not forced))
-        for a, b in zip(painted[:-1], painted[1:]):
-            mid = (a + b) // 2
-            runs.append((a + 1, mid + 1, 1, False))
-            runs.append((b - 1, mid, -1, False))
-
-        for start, stop, step, stoppable in runs:
-            origin = start - step
-            if not (lo <= start <= hi) or origin not in supports:
+        for run in plan_runs(painted, lo, hi, forced):
+            if not (lo <= run.start <= hi) or run.origin not in supports:
                 continue
-            pieces = self._pieces(supports[origin], layouts[origin], rules, shape_rules)
-            for q in range(start, stop, step):
-                if not (lo <= q <= hi):
-                    break
-                if pv.key(q) not in self.cache:
-                    # A block along the run where the encoder gains from batches (PyTorch, CUDA: full
-                    # batches, not one new slice per step); one slice where it does not (encode_ahead 1:
-                    # OpenVINO, ONNX Runtime), so that no slice past the one where the run stops is encoded.
-                    pv.encode(self.cache, list(range(q, stop, step)[: self.backend.encode_ahead]))
-                emb = self.cache.get(pv.key(q))
-                decoded = []
-                for piece in pieces:
-                    if not piece.alive:
-                        continue
-                    got = self._segment_piece(pv, piece, emb, q, abs(q - origin), gen, rules, shape_rules, stoppable)
-                    if got is None:
-                        if stoppable:
-                            piece.alive = False
-                            log.debug("a piece's extent stops before slice %d", q)
-                        continue
-                    decoded.append(got)
-                if not decoded:
-                    if stoppable:
-                        log.debug("extent stops before slice %d", q)
-                        break
-                    tick()
-                    continue
-                union = np.zeros(pv.slices.shape[1:], bool)
-                for piece, prompts, score, mmask, logits, hole_pts in decoded:
-                    union |= pv.frame.to_native(logits) > 0
-                    piece.neighbour = mmask
-                out[q] = union
-                self._merge_pieces(pieces, rules, shape_rules)
-                result.prompts[q] = self._slice_prompts(axis, q, [(d[1], d[2], d[5]) for d in decoded], origin)
-                result.scores[q] = float(np.mean([d[2] for d in decoded]))
-                tick()
+            pieces = self._pieces(supports[run.origin], layouts[run.origin], rules, shape_rules)
+            self._follow_run(pv, run, pieces, lo, hi, gen, rules, shape_rules, out, result, ticker)
 
         if release_embeddings:
             self.cache.drop_memory()
-        mask = np.moveaxis(out, 0, axis)
-        if connected:
-            mask = keep_connected_to(mask, example)
-        for p in painted:  # painted slices exactly as painted
-            sl = [slice(None)] * 3
-            sl[axis] = p
-            mask[tuple(sl)] = np.moveaxis(example, axis, 0)[p]
-        result.mask = mask
+        result.mask = self._assemble(out, example, axis, painted, connected)
         result.seconds = time.perf_counter() - t0
         return result
 
+    def _embedding_along(self, pv: PreparedVolume, q: int, run: Run):
+        """The embedding of slice ``q`` of ``run``, encoding it first if the cache lacks it: a block along
+        the run where the encoder gains from batches (PyTorch, CUDA: full batches, not one new slice per
+        step); one slice where it does not (encode_ahead 1: OpenVINO, ONNX Runtime), so that no slice past
+        the one where the run stops is encoded."""
+        if pv.key(q) not in self.cache:
+            pv.encode(self.cache, list(range(q, run.stop, run.step)[: self.backend.encode_ahead]))
+        return self.cache.get(pv.key(q))
+
+    def _follow_run(self, pv: PreparedVolume, run: Run, pieces: list[FollowedPiece], lo: int, hi: int,
+                    gen: PromptGenerator, rules: ExtentRules, shape_rules: ShapeRules, out: np.ndarray,
+                    result: SegmentationResult, ticker: _Ticker) -> None:
+        """Segment the slices of ``run`` within ``lo``..``hi``, piece by piece, into ``out`` (slices first)
+        and ``result``'s prompts and scores, until every piece has ended (automatic extent)."""
+        for q in range(run.start, run.stop, run.step):
+            if not (lo <= q <= hi):
+                break
+            emb = self._embedding_along(pv, q, run)
+            answers = []
+            for piece in pieces:
+                if not piece.alive:
+                    continue
+                got = self._segment_piece(pv, piece, emb, q, abs(q - run.origin), gen, rules, shape_rules,
+                                          run.stoppable)
+                if got is None:
+                    if run.stoppable:
+                        piece.alive = False
+                        log.debug("a piece's extent stops before slice %d", q)
+                    continue
+                answers.append(got)
+            if not answers:
+                if run.stoppable:
+                    log.debug("extent stops before slice %d", q)
+                    break
+                ticker.tick()
+                continue
+            union = np.zeros(pv.slices.shape[1:], bool)
+            for answer in answers:
+                union |= pv.frame.to_native(answer.logits) > 0
+            out[q] = union
+            self._merge_pieces(pieces, rules, shape_rules)
+            result.prompts[q] = self._slice_prompts(pv.axis, q, answers, run.origin)
+            result.scores[q] = float(np.mean([a.score for a in answers]))
+            ticker.tick()
+
+    @staticmethod
+    def _assemble(out: np.ndarray, example: np.ndarray, axis: int, painted: Sequence[int], connected: bool
+                  ) -> np.ndarray:
+        """The image-shaped mask from the per-slice answers ``out`` (slices first): kept connected to the
+        example (when ``connected``), painted slices exactly as painted."""
+        mask = np.moveaxis(out, 0, axis)
+        if connected:
+            mask = keep_connected_to(mask, example)
+        for p in painted:
+            sl = [slice(None)] * 3
+            sl[axis] = p
+            mask[tuple(sl)] = np.moveaxis(example, axis, 0)[p]
+        return mask
+
     # ---- pieces and holes -----------------------------------------------------------------------
-    def _pieces(self, support: Support, layout, rules: ExtentRules, shape_rules: ShapeRules) -> list[_Piece]:
+    def _pieces(self, support: Support, layout, rules: ExtentRules, shape_rules: ShapeRules) -> list[FollowedPiece]:
         """The pieces followed from one painted slice: one per piece of its layout (the whole mask when
         it is one piece or when per-piece prompting is off), each with the holes it encloses."""
         size = self.backend.input_size
@@ -432,16 +445,17 @@ class VolumeSession:
         out = []
         for m, hs in parts:
             sup = Support(support.embedding, m, support.slice_index)
-            out.append(_Piece(sup, TargetEvidence(sup, rules.ring, size), m.copy(),
-                              hs if (shape_rules.hole_points or shape_rules.subtract_holes) else []))
+            out.append(FollowedPiece(sup, TargetEvidence(sup, rules.ring, size), m.copy(),
+                                     hs if (shape_rules.hole_points or shape_rules.subtract_holes) else []))
         return out
 
-    def _segment_piece(self, pv: PreparedVolume, piece: _Piece, emb, q: int, distance: int, gen: PromptGenerator,
-                       rules: ExtentRules, shape_rules: ShapeRules, stoppable: bool):
+    def _segment_piece(self, pv: PreparedVolume, piece: FollowedPiece, emb, q: int, distance: int,
+                       gen: PromptGenerator, rules: ExtentRules, shape_rules: ShapeRules, stoppable: bool
+                       ) -> Optional[PieceAnswer]:
         """Prompt, decode and (in automatic extent) check one piece on query slice ``q``.
 
-        Returns (piece, prompts, score, model mask, model logits, hole points) or None when the piece
-        has nothing to prompt or, in automatic extent, ends before this slice."""
+        Returns the piece's answer, the piece moved on to this slice (its neighbour mask and holes), or
+        None when the piece has nothing to prompt or, in automatic extent, ends before this slice."""
         ctx = QueryContext(piece.neighbour, pv.valid, q, distance)
         prompts = gen.generate(piece.support, emb, ctx, self.backend)
         if prompts.is_empty:
@@ -452,7 +466,7 @@ class VolumeSession:
             prompts = Prompts(prompts.fg_points, _stack_points([prompts.bg_points, hole_pts]), prompts.box,
                               prompts.presence, prompts.mask_input)
         res = self.backend.decode(emb, prompts)
-        logits = np.where(pv.valid, res.logits, -20.0).astype(np.float32)
+        logits = np.where(pv.valid, res.logits, OUTSIDE_LOGIT).astype(np.float32)
         mmask = logits > 0
         new_holes = piece.holes
         if piece.holes and mmask.any():
@@ -461,12 +475,12 @@ class VolumeSession:
                 logits[removed] = np.minimum(logits[removed], -1.0)
                 mmask &= ~removed
         if stoppable and not (
-                self._accept(mmask, res.score, prompts.presence, piece.neighbour, piece.support.mask, rules)
+                accept_slice(mmask, res.score, prompts.presence, piece.neighbour, piece.support.mask, rules)
                 and piece.evidence.score(emb, mmask) > rules.min_evidence):
             return None
         piece.holes = new_holes
-        return piece, prompts, float(res.score), mmask, logits, hole_pts
-
+        piece.neighbour = mmask
+        return PieceAnswer(prompts, float(res.score), hole_pts, logits)
     def _follow_holes(self, pv: PreparedVolume, emb, mask: np.ndarray, previous: list, shape_rules: ShapeRules
                       ) -> tuple[list, np.ndarray]:
         """Where the piece's holes are on this slice, and which pixels of ``mask`` to remove.
@@ -475,8 +489,6 @@ class VolumeSession:
         around the previous slice's hole and a point at its centre) and removed from the mask when the
         answer is a plausible hole (near the previous one, much smaller than the piece)."""
         from scipy import ndimage
-
-        from .prompts.boxprop import mask_box
 
         scale = self.backend.input_size / 256.0
         found = holes(mask, max(1, int(round(shape_rules.min_hole_pixels * scale * scale))))
@@ -503,7 +515,7 @@ class VolumeSession:
                 out.append(prev)
         return out, removed
 
-    def _merge_pieces(self, pieces: list[_Piece], rules: ExtentRules, shape_rules: ShapeRules) -> None:
+    def _merge_pieces(self, pieces: list[FollowedPiece], rules: ExtentRules, shape_rules: ShapeRules) -> None:
         """Pieces that have grown into each other (e.g. two lobes that join) continue as one."""
         alive = [p for p in pieces if p.alive]
         for i, a in enumerate(alive):
@@ -515,14 +527,14 @@ class VolumeSession:
                     a.holes = a.holes + b.holes
                     b.alive = False
 
-    def _slice_prompts(self, axis: int, q: int, items: list, support: int) -> SlicePrompts:
-        """SlicePrompts of one slice from its pieces' (model prompts, score, hole points)."""
+    def _slice_prompts(self, axis: int, q: int, answers: Sequence[PieceAnswer], support: int) -> SlicePrompts:
+        """SlicePrompts of one slice from its pieces' answers."""
         frame = self.prepared(axis).frame
         parts = []
-        for prompts, score, hole_pts in items:
-            sp = self.to_slice_prompts(axis, q, prompts, score, support)
-            if len(hole_pts):
-                sp.hole_bg = slice_to_volume_index(axis, q, frame.points_to_native(hole_pts))
+        for answer in answers:
+            sp = self.to_slice_prompts(axis, q, answer.prompts, answer.score, support)
+            if len(answer.hole_points):
+                sp.hole_bg = slice_to_volume_index(axis, q, frame.points_to_native(answer.hole_points))
             parts.append(sp)
         if len(parts) == 1:
             return parts[0]
@@ -533,38 +545,42 @@ class VolumeSession:
                             pieces=parts, hole_bg=np.concatenate([p.hole_bg for p in parts]))
 
     @single_threaded_blas()
-    def segment_from_prompts(self, example_mask: np.ndarray, axis: int, prompts: dict[int, dict], *,
+    def segment_from_prompts(self, example_mask: np.ndarray, axis: int,
+                             prompts: Mapping[int, Union[SlicePrompts, Mapping]], *,
                              previous: Optional[np.ndarray] = None, progress: Optional[Progress] = None,
                              cancel: Optional[Callable[[], bool]] = None) -> SegmentationResult:
-        """SAM's result for given (e.g. edited) prompts: ``prompts[slice] = {'fg', 'bg', 'box'}`` in
-        numpy-order voxel indices. Only those slices are decoded; painted slices stay as painted.
+        """SAM's result for given (e.g. edited) prompts: ``prompts[slice]`` a SlicePrompts (``fg``, ``bg``,
+        ``box`` in numpy-order voxel indices; an engine answer's prompts work as they are) or, at the edge,
+        a dict ``{'fg', 'bg', 'box'}`` (see ``SlicePrompts.from_dict``). Only those slices are decoded;
+        painted slices stay as painted.
 
         ``previous`` (bool, image shape) is the segmentation being corrected: a backend trained to read
         it (``SamBackend.previous_answer_input``) gets each slice's previous answer with that slice's points,
         so a corrective click changes the answer near the click instead of re-deciding the whole slice.
 
-        A target in pieces is given either as ``'pieces': [{'fg', 'bg', 'box', 'hole_bg'}, ...]`` (each
-        piece decoded with its own prompts; ``hole_bg`` lists which of its ``bg`` points lie in holes) or as
-        one entry whose ``box`` holds two corners per piece (points go to the box that holds them)."""
+        A target in pieces is given either with ``pieces`` (each piece decoded with its own prompts; its
+        ``hole_bg`` lists which of its ``bg`` points lie in holes) or as one entry whose ``box`` holds two
+        corners per piece (points go to the box that holds them)."""
         t0 = time.perf_counter()
         example = np.asarray(example_mask, dtype=bool)
         pv = self.prepared(axis)
         painted = painted_slices(example, axis).tolist()
         out = np.zeros((pv.n_slices,) + pv.slices.shape[1:], bool)
         result = SegmentationResult(mask=example, axis=axis, painted=painted, intensity=self.intensity)
-        order = sorted(prompts)
+        edits = {k: p if isinstance(p, SlicePrompts) else SlicePrompts.from_dict(k, p) for k, p in prompts.items()}
+        order = sorted(edits)
         pv.encode(self.cache, order)
         for done, k in enumerate(order, 1):
             if cancel is not None and cancel():
                 raise CancelledError("cancelled")
-            p = prompts[k]
+            sp = edits[k]
             support = min(painted, key=lambda s: abs(s - k))
-            if p.get("pieces"):
-                parts = [(self.prompts_from_voxels(axis, pp["fg"], pp["bg"], pp.get("box")), pp) for pp in p["pieces"]]
+            if sp.pieces:
+                parts = [(self.prompts_from_voxels(axis, pp.fg, pp.bg, pp.box), pp) for pp in sp.pieces]
             else:
-                mp = self.prompts_from_voxels(axis, p["fg"], p["bg"], p.get("box"))
-                parts = [(m, p) for m in (mp if isinstance(mp, list) else [mp])]
-            items = []
+                mp = self.prompts_from_voxels(axis, sp.fg, sp.bg, sp.box)
+                parts = [(m, sp) for m in (mp if isinstance(mp, list) else [mp])]
+            answers = []
             out[k] = False
             # several boxes in one piece: each its own
             flat = [(m, given) for mp, given in parts for m in (mp if isinstance(mp, list) else [mp])]
@@ -574,9 +590,9 @@ class VolumeSession:
             for m, given in flat:
                 mask2d, score = self.decode_slice(axis, k, m)
                 out[k] |= mask2d
-                items.append((m, score, self._hole_points_of(axis, m, given)))
-            result.prompts[k] = self._slice_prompts(axis, k, items, support)
-            result.scores[k] = float(np.mean([it[1] for it in items])) if items else 0.0
+                answers.append(PieceAnswer(m, score, self._hole_points_of(axis, m, given.hole_bg)))
+            result.prompts[k] = self._slice_prompts(axis, k, answers, support)
+            result.scores[k] = float(np.mean([a.score for a in answers])) if answers else 0.0
             if progress is not None:
                 progress(done, len(order))
         ex_slices = np.moveaxis(example, axis, 0)
@@ -603,30 +619,15 @@ class VolumeSession:
             out.append(p)
         return out
 
-    def _hole_points_of(self, axis: int, prompts: Prompts, given: Optional[dict]) -> np.ndarray:
-        """The background points of ``prompts`` that the caller marked as lying in holes
-        (``given['hole_bg']``, voxel indices), in the model frame."""
-        if not given or given.get("hole_bg") is None or not len(given["hole_bg"]) or not len(prompts.bg_points):
+    def _hole_points_of(self, axis: int, prompts: Prompts, hole_bg: Optional[np.ndarray]) -> np.ndarray:
+        """The background points of ``prompts`` that the caller marked as lying in holes (``hole_bg``,
+        voxel indices), in the model frame."""
+        if hole_bg is None or not len(hole_bg) or not len(prompts.bg_points):
             return np.zeros((0, 2), np.float32)
         frame = self.prepared(axis).frame
-        marked = frame.points_to_model(volume_index_to_slice(axis, np.asarray(given["hole_bg"], float))[1])
+        marked = frame.points_to_model(volume_index_to_slice(axis, np.asarray(hole_bg, float))[1])
         d = np.abs(prompts.bg_points[:, None, :] - marked[None, :, :]).max(-1).min(1)
         return prompts.bg_points[d < 1e-3]
-
-    @staticmethod
-    def _accept(mask: np.ndarray, score: float, presence: float, neighbour: Optional[np.ndarray],
-                support: np.ndarray, rules: ExtentRules) -> bool:
-        area = int(mask.sum())
-        if presence < rules.min_presence or score < rules.min_score:
-            return False
-        if area < max(4, rules.min_area_fraction * int(support.sum())):
-            return False
-        if neighbour is not None and neighbour.any():
-            if area > rules.max_area_growth * neighbour.sum():
-                return False
-            if (mask & neighbour).sum() / area < rules.min_overlap:
-                return False
-        return True
 
 
 def previous_answer_of_piece(previous: np.ndarray, prompts: Prompts) -> np.ndarray:

@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from .engine import SegmentationResult
+from .engine import SegmentationResult, SlicePrompts
 from .errors import UserInputError
 from .volume import Volume, atomic_write
 
@@ -112,9 +112,10 @@ def _read_prompt_fields(vol: Volume, entry: dict, where: str, axis: int, k: int)
     return {"fg": fg, "bg": bg, "box": box, "hole_bg": hole}
 
 
-def read_prompts(path: str | os.PathLike, vol: Volume) -> tuple[int, dict[int, dict]]:
-    """Read a prompts JSON: (numpy slicing axis, {slice: {'fg', 'bg', 'box', 'hole_bg'} in numpy-order
-    voxels}); a slice in pieces also has 'pieces', a list of such dicts (see the module docstring)."""
+def read_prompts(path: str | os.PathLike, vol: Volume) -> tuple[int, dict[int, SlicePrompts]]:
+    """Read a prompts JSON: (numpy slicing axis, {slice: SlicePrompts with ``fg``, ``bg``, ``box`` and
+    ``hole_bg`` in numpy-order voxels}); a slice in pieces also has ``pieces``, one such SlicePrompts per
+    piece (see the module docstring). What ``VolumeSession.segment_from_prompts`` takes."""
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
@@ -126,7 +127,7 @@ def read_prompts(path: str | os.PathLike, vol: Volume) -> tuple[int, dict[int, d
         raise UserInputError(f"'{path}' is not a FewShotSAM prompts file (written by segment --prompts-out).")
     axis = int(data.get("axis_numpy", 2 - int(data.get("axis_ijk", 2))))
     n = vol.array.shape[axis]
-    out: dict[int, dict] = {}
+    out: dict[int, SlicePrompts] = {}
     for entry in data["slices"]:
         k = int(entry["slice"])
         if not 0 <= k < n:
@@ -137,8 +138,9 @@ def read_prompts(path: str | os.PathLike, vol: Volume) -> tuple[int, dict[int, d
                 raise UserInputError(f"'pieces' of {where} must be a list of pieces, each with its points and box.")
             pieces = [_read_prompt_fields(vol, piece, f"piece {i + 1} of {where}", axis, k)
                       for i, piece in enumerate(entry["pieces"])]
-            out[k] = {"fg": np.concatenate([p["fg"] for p in pieces]), "bg": np.concatenate([p["bg"] for p in pieces]),
-                      "box": None, "pieces": pieces}
+            out[k] = SlicePrompts.from_dict(k, {"fg": np.concatenate([p["fg"] for p in pieces]),
+                                                "bg": np.concatenate([p["bg"] for p in pieces]), "box": None,
+                                                "pieces": pieces})
         else:
-            out[k] = _read_prompt_fields(vol, entry, where, axis, k)
+            out[k] = SlicePrompts.from_dict(k, _read_prompt_fields(vol, entry, where, axis, k))
     return axis, out

@@ -4,7 +4,9 @@ enclosed by the target), so that the engine can prompt each piece on its own and
 
 Foreground is 8-connected and background 4-connected (the usual pair, so that a diagonal gap in a ring
 does not open its hole). All functions work on 2D boolean arrays in any frame; sizes are in pixels of
-that frame.
+that frame. The small mask helpers that the engine and the prompt generators share live here too:
+``mask_box`` (a mask's bounding box), ``label_components`` (a label image of the 8-connected components)
+beside ``components`` (the same components as a list of masks, largest first).
 """
 
 from __future__ import annotations
@@ -67,6 +69,21 @@ def _regions(mask: np.ndarray, structure: np.ndarray, min_pixels: int) -> list[n
     sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     order = [int(i) for i in np.argsort(-sizes, kind="stable") if sizes[i] >= min_pixels]
     return [labels == i + 1 for i in order]
+
+
+def mask_box(mask: np.ndarray, margin: float = 0.0, shape: tuple[int, int] | None = None) -> np.ndarray | None:
+    """(row0, col0, row1, col1) of a boolean mask, enlarged by ``margin`` pixels and clipped to ``shape``."""
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        return None
+    h, w = shape or mask.shape
+    return np.array([max(0, rows.min() - margin), max(0, cols.min() - margin),
+                     min(h - 1, rows.max() + margin), min(w - 1, cols.max() + margin)], np.float32)
+
+
+def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """8-connected components of a 2D bool mask as a label image: (labels, count)."""
+    return ndimage.label(np.asarray(mask, bool), structure=EIGHT)
 
 
 def components(mask: np.ndarray, min_pixels: int = 1) -> list[np.ndarray]:

@@ -1,6 +1,6 @@
 """A volume prepared for one SAM backend along one slicing axis: normalised slices in the model frame and
-the cache keys of their embeddings. Shared by the engine, the evaluation harness and FoB training so that
-all of them feed the encoder the very same pixels and reuse the same cached embeddings.
+the cache keys of their embeddings. Shared by the engine and the research tooling (evaluation, FoB
+training) so that all of them feed the encoder the very same pixels and reuse the same cached embeddings.
 """
 
 from __future__ import annotations
@@ -15,6 +15,11 @@ import torch
 from .volume import Intensity, SliceFrame, normalise, slice_frame
 
 log = logging.getLogger(__name__)
+
+# The logit given to model-frame pixels outside the image (the padding of a non-square slice) before a
+# decoder answer is resized back to the slice: far below 0, so that they are background and the resize
+# does not carry the mask into them. A Python float, so that np.where keeps the logits' float32.
+OUTSIDE_LOGIT = -20.0
 
 
 class PreparedVolume:

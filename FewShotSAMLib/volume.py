@@ -4,6 +4,10 @@ axis, intensity normalisation, voxel index <-> physical (LPS) conversion and the
 Index convention: arrays are in numpy order ``(a0, a1, a2)``, which is SimpleITK's and Slicer's
 ``arrayFromVolume`` order, i.e. the reverse of ITK's ``(i, j, k)``. ``spacing`` is given in the same numpy
 order. Physical coordinates are LPS (ITK's convention); Slicer's RAS is LPS with x and y negated.
+
+Why one file of about 420 lines: every conversion between files, voxel indices, physical coordinates
+and the model frame is here and nowhere else (the project's convention: one place converts coordinates),
+so that reading, label matching and ``SliceFrame`` share the same geometry code.
 """
 
 from __future__ import annotations

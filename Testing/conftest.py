@@ -1,20 +1,25 @@
-"""Shared pytest fixtures: the real data folder (skipped when absent) and one LiteMedSAM backend."""
+"""Shared pytest fixtures: the real data folder (skipped when absent) and one LiteMedSAM backend.
+
+The repository root and ``tools/`` are put on ``sys.path``: the library of this checkout, and the research
+tooling (``fewshotsam_lab``), whose ``datasets.py`` says where the data is (``FEWSHOTSAM_DATA``)."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT / "tools", ROOT):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-DATA_DIR = Path(os.environ.get("FEWSHOTSAM_DATA", ROOT.parent / "shared" / "data"))
-CHAOS_DIR = DATA_DIR / "chaos_t2"
-CT_DIR = DATA_DIR / "totalseg_ct"
+from fewshotsam_lab import datasets  # noqa: E402
+
+DATA_DIR = datasets.data_root()
+CHAOS_DIR = datasets.chaos_dir(DATA_DIR)
+CT_DIR = datasets.totalseg_dir(DATA_DIR)
 # The persistent embedding cache the real-data tests share (git-ignored): each CHAOS slice is encoded
 # once per machine, whichever test needs it first.
 SHARED_EMBEDDINGS = ROOT / ".cache" / "embeddings"

@@ -158,3 +158,12 @@ def test_dicom_series_with_flipped_label_map(tmp_path, capsys):
     truth = label_on_image_grid(image, labels) == 5
     assert dice(out.array > 0, truth) > DICOM_LIVER_FLOOR
 
+
+
+@pytest.mark.parametrize("command,lab", [("evaluate", "evaluate"), ("bench", "bench"), ("train", "train-fob"),
+                                         ("demo", "demo")])
+def test_research_subcommands_point_to_the_lab_in_one_sentence(capsys, command, lab):
+    code, err = run(capsys, "-v", command, "--json", "x.json")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ")
+    assert f"python tools/lab.py {lab}" in lines[0]

@@ -10,6 +10,7 @@ import torch
 from conftest import CHAOS_DIR, SHARED_EMBEDDINGS, require
 from FewShotSAMLib.engine import (ExtentRules, TargetEvidence, VolumeSession, keep_connected_to,
                                   previous_answer_of_piece)
+from FewShotSAMLib.extent import accept_slice
 from FewShotSAMLib.errors import CancelledError, UserInputError
 from FewShotSAMLib.prompts.base import Support
 from FewShotSAMLib.volume import painted_slices, read_volume
@@ -47,17 +48,17 @@ def test_accept_rules():
     sup[8:24, 8:24] = True
     good = np.zeros_like(sup)
     good[9:23, 9:23] = True
-    assert VolumeSession._accept(good, 0.9, 1.0, sup, sup, rules)
-    assert not VolumeSession._accept(good, 0.1, 1.0, sup, sup, rules)  # SAM unsure
-    assert not VolumeSession._accept(good, 0.9, 0.2, sup, sup, rules)  # generator says absent
+    assert accept_slice(good, 0.9, 1.0, sup, sup, rules)
+    assert not accept_slice(good, 0.1, 1.0, sup, sup, rules)  # SAM unsure
+    assert not accept_slice(good, 0.9, 0.2, sup, sup, rules)  # generator says absent
     tiny = np.zeros_like(sup)
     tiny[10, 10] = True
-    assert not VolumeSession._accept(tiny, 0.9, 1.0, sup, sup, rules)  # vanished
+    assert not accept_slice(tiny, 0.9, 1.0, sup, sup, rules)  # vanished
     moved = np.zeros_like(sup)
     moved[0:6, 26:32] = True
-    assert not VolumeSession._accept(moved, 0.9, 1.0, sup, sup, rules)  # lost overlap with its neighbour
+    assert not accept_slice(moved, 0.9, 1.0, sup, sup, rules)  # lost overlap with its neighbour
     huge = np.ones_like(sup)
-    assert not VolumeSession._accept(huge, 0.9, 1.0, sup, sup, rules)  # exploded
+    assert not accept_slice(huge, 0.9, 1.0, sup, sup, rules)  # exploded
 
 
 def test_target_evidence_separates_target_from_surroundings():

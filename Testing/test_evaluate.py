@@ -9,27 +9,44 @@ import json
 import numpy as np
 import pytest
 
-from FewShotSAMLib import evaluate as E
 from FewShotSAMLib.errors import UserInputError
 
 from conftest import CHAOS_DIR, require
+from fewshotsam_lab import datasets as D
+from fewshotsam_lab import evaluate as E
 
 IDS = [1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22, 31, 32, 33, 34, 36, 37, 38, 39]
 
 
 def test_folds_follow_the_standard_split():
-    assert E.fold_volume_ids(IDS, 0) == [1, 2, 3, 5, 8]
-    assert E.fold_volume_ids(IDS, 1) == [8, 10, 13, 15, 19]
-    assert E.fold_volume_ids(list(reversed(IDS)), 4) == [36, 37, 38, 39, 1]  # sorted first, wraps to 0
+    assert D.fold_volume_ids(IDS, 0) == [1, 2, 3, 5, 8]
+    assert D.fold_volume_ids(IDS, 1) == [8, 10, 13, 15, 19]
+    assert D.fold_volume_ids(list(reversed(IDS)), 4) == [36, 37, 38, 39, 1]  # sorted first, wraps to 0
     for f in range(5):
-        assert len(E.fold_volume_ids(IDS, f)) == 5
-    assert E.parse_folds("0-4") == [0, 1, 2, 3, 4] and E.parse_folds("3,1") == [1, 3]
+        assert len(D.fold_volume_ids(IDS, f)) == 5
+    assert D.parse_folds("0-4") == [0, 1, 2, 3, 4] and D.parse_folds("3,1") == [1, 3]
     with pytest.raises(UserInputError):
-        E.parse_folds("7")
+        D.parse_folds("7")
     with pytest.raises(UserInputError):
-        E.parse_folds("a-b")
+        D.parse_folds("a-b")
     with pytest.raises(UserInputError):
-        E.fold_volume_ids(IDS[:10], 3)
+        D.fold_volume_ids(IDS[:10], 3)
+
+
+def test_case_listing_pairs_images_with_labels(tmp_path):
+    for name in ("image_3.nii.gz", "label_3.nii.gz", "image_10.nii.gz", "label_10.nii.gz", "image_2.nii.gz",
+                 "image_x.nii.gz", "label_7.nii.gz"):
+        (tmp_path / name).write_bytes(b"")
+    assert [(c[0], c[1].name, c[2].name) for c in D.list_cases(tmp_path)] == [
+        (3, "image_3.nii.gz", "label_3.nii.gz"), (10, "image_10.nii.gz", "label_10.nii.gz")]  # numeric order
+    assert [(c[0], c[2] and c[2].name) for c in D.list_cases(tmp_path, labels=False)] == [
+        (2, None), (3, "label_3.nii.gz"), (10, "label_10.nii.gz")]
+    with pytest.raises(UserInputError, match="does not exist"):
+        D.list_cases(tmp_path / "nope")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserInputError, match="holds no"):
+        D.list_cases(empty, labels=False)
 
 
 def test_support_slices_and_chunks():
@@ -40,7 +57,7 @@ def test_support_slices_and_chunks():
     assert sum(chunks, []) == list(range(5, 15))
     label = np.zeros((6, 4, 4), np.uint8)
     label[2:5, 1, 1] = 3
-    np.testing.assert_array_equal(E.organ_slices(label, 3), [2, 3, 4])
+    np.testing.assert_array_equal(D.organ_slices(label, 3), [2, 3, 4])
 
 
 def test_dice():
@@ -56,20 +73,20 @@ def test_dice():
 def records():
     out = []
     for fold in (0, 1):
-        for organ in E.ORGANS.values():
+        for organ in D.ORGANS.values():
             for vol, d in ((1, 60.0 + fold * 10), (2, 80.0 + fold * 10)):
                 out.append({"fold": fold, "volume": vol, "organ": organ, "dice": d, "slices": 3})
     return out
 
 
 def test_summarise_and_reports(tmp_path):
-    m = E.summarise(records(), 0.25, list(E.ORGANS.values()))
+    m = E.summarise(records(), 0.25, list(D.ORGANS.values()))
     assert m["folds"][0]["mean"] == pytest.approx(70.0) and m["folds"][1]["mean"] == pytest.approx(80.0)
     assert m["mean"] == pytest.approx(75.0) and m["std_over_folds"] == pytest.approx(5.0)
     assert set(m["per_organ"]) == {"liver", "right_kidney", "left_kidney", "spleen"}
     assert m["per_organ"]["liver"] == pytest.approx(75.0)
     result = {"protocol": "fewshot", "setting": 1, "sam": "litemedsam", "folds": {"0": IDS[:5], "1": IDS[4:9]},
-              "organs": list(E.ORGANS.values()), "methods": {"coarse": m}, "skipped": {"fob": "no weights"}}
+              "organs": list(D.ORGANS.values()), "methods": {"coarse": m}, "skipped": {"fob": "no weights"}}
     table = E.markdown_table(result)
     assert "| coarse | 75.00 ± 5.00 |" in table and "**75.00 ± 5.00**" in table and "Skipped `fob`" in table
     report = tmp_path / "R.md"
@@ -85,23 +102,24 @@ def test_summarise_and_reports(tmp_path):
 
 
 def test_combined_targets_and_organ_parsing():
-    assert E.parse_organs("1,2,3,4") == [1, 2, 3, 4]
-    assert E.parse_organs("2+3,1") == [23, 1] and E.parse_organs("3+2") == [23]
+    assert D.parse_organs("1,2,3,4") == [1, 2, 3, 4]
+    assert D.parse_organs("2+3,1") == [23, 1] and D.parse_organs("3+2") == [23]
     for bad in ("7", "1+4", "", "liver"):
         with pytest.raises(UserInputError):
-            E.parse_organs(bad)
+            D.parse_organs(bad)
     label = np.zeros((5, 4, 4), np.uint8)
     label[1, 0, 0] = 2
     label[3, 2, 2] = 3
     label[2, 1, 1] = 1
-    np.testing.assert_array_equal(E.organ_slices(label, 23), [1, 3])
-    assert E.target_mask(label, 23).sum() == 2 and E.TARGET_NAMES[23] == "both_kidneys"
+    np.testing.assert_array_equal(D.organ_slices(label, 23), [1, 3])
+    assert D.target_mask(label, 23).sum() == 2 and D.TARGET_NAMES[23] == "both_kidneys"
+    assert D.organ_name(23) == "both_kidneys" and D.organ_name(31) == "label_31"
 
 
 def test_merge_adds_a_later_method(tmp_path):
     """--merge keeps the methods of an earlier run of the same protocol, setting, backend and folds."""
-    m = E.summarise(records(), 0.25, list(E.ORGANS.values()))
-    earlier = {"protocol": "fewshot", "setting": 1, "sam": "litemedsam", "organs": list(E.ORGANS.values()),
+    m = E.summarise(records(), 0.25, list(D.ORGANS.values()))
+    earlier = {"protocol": "fewshot", "setting": 1, "sam": "litemedsam", "organs": list(D.ORGANS.values()),
                "folds": {"0": IDS[:5], "1": IDS[4:9]}, "methods": {"coarse": m}, "skipped": {"fob": "no weights"},
                "complete": True, "wall_seconds": 10.0}
     path = tmp_path / "r.json"
@@ -139,7 +157,7 @@ def test_real_fewshot_small_is_deterministic(litemedsam, tmp_path):
     from FewShotSAMLib.sam.cache import EmbeddingCache
 
     cache = EmbeddingCache(litemedsam, cap_bytes=64 << 20, persist_dir=E.Path(__file__).resolve().parents[1] / ".cache" / "embeddings")
-    store = E.CaseStore(E.list_cases(CHAOS_DIR), litemedsam, cache)
+    store = E.CaseStore(D.list_cases(CHAOS_DIR), litemedsam, cache)
     runs = [E.evaluate(store, "fewshot", ["coarse"], {0: [1, 2, 3]}, 1, organs=[2]) for _ in range(2)]
     res = runs[0]
     m = res["methods"]["coarse"]
@@ -158,7 +176,7 @@ def test_real_product_one_volume(litemedsam):
     from FewShotSAMLib.sam.cache import EmbeddingCache
 
     cache = EmbeddingCache(litemedsam, cap_bytes=64 << 20, persist_dir=E.Path(__file__).resolve().parents[1] / ".cache" / "embeddings")
-    store = E.CaseStore(E.list_cases(CHAOS_DIR), litemedsam, cache)
+    store = E.CaseStore(D.list_cases(CHAOS_DIR), litemedsam, cache)
     r = E.product_volume(store, E.make_method("boxprop", 0, 1), store.get(1), 2)
     assert 0 <= r["dice_without_painted"] <= r["dice"] <= 100  # a perfect painted slice can only raise Dice
     assert r["missed"] < 14 and r["outside"] >= 0 and r["slices"] >= 14 - r["missed"]
@@ -167,17 +185,18 @@ def test_real_product_one_volume(litemedsam):
 
 # ---- the click benchmark (protocol clicks) ---------------------------------------------------------
 def test_clicks_protocol_on_one_labelled_ct(tmp_path):
-    """``evaluate --protocol clicks --image --label``: one round of corrective clicks on a TotalSegmentator
-    vertebra through the command line; JSON, Markdown section and chart written."""
+    """``python tools/lab.py evaluate --protocol clicks --image --label``: one round of corrective clicks on a
+    TotalSegmentator vertebra through the lab's command line; JSON, Markdown section and chart written."""
     from conftest import CT_DIR, SHARED_EMBEDDINGS
+    from fewshotsam_lab.cli import main
 
-    require(CT_DIR / "example_ct_sm.nii.gz")
+    ct, seg = D.totalseg_ct(CT_DIR)
+    require(ct)
     out, report, chart = tmp_path / "c.json", tmp_path / "R.md", tmp_path / "c.png"
     report.write_text("# Results\n")
-    rc = E.main(["--protocol", "clicks", "--image", str(CT_DIR / "example_ct_sm.nii.gz"), "--label",
-                 str(CT_DIR / "example_seg.nii.gz"), "--organs", "31", "--methods", "boxprop", "--rounds", "1",
-                 "--sam", "litemedsam", "--cache-dir", str(SHARED_EMBEDDINGS), "--json", str(out),
-                 "--report", str(report), "--plot", str(chart)])
+    rc = main(["evaluate", "--protocol", "clicks", "--image", str(ct), "--label", str(seg), "--organs", "31",
+               "--methods", "boxprop", "--rounds", "1", "--sam", "litemedsam", "--cache-dir", str(SHARED_EMBEDDINGS),
+               "--json", str(out), "--report", str(report), "--plot", str(chart)])
     assert rc == 0
     res = json.loads(out.read_text())
     m = res["methods"]["boxprop"]

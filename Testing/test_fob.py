@@ -15,15 +15,16 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import CHAOS_DIR as DATA
 from FewShotSAMLib.errors import UserInputError
-from FewShotSAMLib.fob.episodes import Augment, find_pairs, make_episode, ring_points
-from FewShotSAMLib.fob.losses import fob_losses
+from FewShotSAMLib.fob.inference import ring_points
 from FewShotSAMLib.fob.model import FoBConfig, FoBNet, bilinear_sample, gaussian_heatmaps, grid_argmax
-from FewShotSAMLib.fob.supervoxels import supervoxels
 from FewShotSAMLib.prompts.base import QueryContext, Support
+from fewshotsam_lab.fob_training.episodes import Augment, find_pairs, make_episode
+from fewshotsam_lab.fob_training.losses import fob_losses
+from fewshotsam_lab.fob_training.supervoxels import supervoxels
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "chaos_t2"
 
 SMALL = dict(in_channels=16, dim=16, grid=16, frame_size=64, token_grid=8, heads=2, sigma=2.0, ring_inner=2,
              ring_outer=3, n_bg=6, n_fg=4, k_offsets=4)
@@ -240,10 +241,10 @@ def test_shipped_weights_load_and_match_metadata():
 @pytest.mark.skipif(not DATA.exists(), reason="CHAOS data absent (../shared/data/chaos_t2)")
 def test_train_resumes_from_its_checkpoint(tmp_path):
     """Two tiny trainings on one cached volume: the second, asked for more iterations, resumes."""
-    from FewShotSAMLib.fob import train
+    from fewshotsam_lab.fob_training import train
     cache_dir = REPO / ".cache" / "embeddings"
     if not cache_dir.exists():
-        pytest.skip("no persistent embedding cache (.cache/embeddings); run tools/precompute_chaos_embeddings.py")
+        pytest.skip("no persistent embedding cache (.cache/embeddings); run python tools/lab.py precompute-embeddings")
     parser = argparse.ArgumentParser()
     train.add_arguments(parser)
     out = tmp_path / "fob.pt"

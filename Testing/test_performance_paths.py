@@ -376,7 +376,7 @@ def test_litemedsam_openvino_is_the_cpu_default_and_reduced_precisions_stay_clos
 
 
 def test_bench_variant_names_round_trip():
-    from FewShotSAMLib.bench import EncoderVariant
+    from fewshotsam_lab.bench import EncoderVariant
 
     for text in ("fp32-b1", "fp32-fused-ort-b4", "bf16-fused-ov-b4", "fp32-fused-cl-b4-t1"):
         assert EncoderVariant.parse(text).label == text

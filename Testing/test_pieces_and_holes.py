@@ -72,7 +72,7 @@ def test_prompts_json_round_trip_keeps_pieces(blobs, tmp_path):
     entry = next(e for e in data["slices"] if e["slice"] == 4)
     assert len(entry["pieces"]) == 2 and all(len(p["box"]) == 2 for p in entry["pieces"])
     axis, prompts = read_prompts(path, vol)
-    assert axis == res.axis and len(prompts[4]["pieces"]) == 2
+    assert axis == res.axis and len(prompts[4].pieces) == 2
     again = session.segment_from_prompts(ex, axis, prompts)
     for k in res.prompts:
         assert dice(again.mask[k], res.mask[k]) > 98

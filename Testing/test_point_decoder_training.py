@@ -1,12 +1,9 @@
-"""The training of the point-aware LiteMedSAM decoder (tools/train_point_decoder.py): its batched decoder
-and prompt tokens are the inference path's arithmetic, the prompts it simulates are what they claim, and a
-training step changes only the decoder side."""
+"""The training of the point-aware LiteMedSAM decoder (``python tools/lab.py train-point-decoder``,
+tools/fewshotsam_lab/point_decoder.py): its batched decoder and prompt tokens are the inference path's
+arithmetic, the prompts it simulates are what they claim, and a training step changes only the decoder
+side."""
 
 from __future__ import annotations
-
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,16 +13,12 @@ from FewShotSAMLib.prompts.base import Prompts
 from FewShotSAMLib.sam.litemedsam import LiteMedSAMBackend, build_litemedsam_model
 from FewShotSAMLib.sam.prompt_embedding import SparsePromptEmbedding
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def T():
-    spec = importlib.util.spec_from_file_location("train_point_decoder", ROOT / "tools" / "train_point_decoder.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_point_decoder"] = module
-    spec.loader.exec_module(module)
-    return module
+    from fewshotsam_lab import point_decoder
+
+    return point_decoder
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +162,9 @@ def test_export_writes_weights_with_digest_and_metadata(T, tmp_path):
                 "args": {"batch": 8, "lr": 1e-4, "steps": 3, "seed": 0, "chaos": "x", "totalseg": "y"}},
                work / "checkpoint.pt")
     out = tmp_path / "pkg" / "litemedsam_points.pt"
-    T.main(["--work", str(work), "--output", str(out), "--export"])
+    from fewshotsam_lab.cli import main
+
+    assert main(["train-point-decoder", "--work", str(work), "--output", str(out), "--export"]) == 0
     import json
 
     from FewShotSAMLib.sam.weights import sha256_of

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from conftest import CHAOS_DIR, SHARED_EMBEDDINGS, require
-from FewShotSAMLib import clickbench
-from FewShotSAMLib import evaluate as E
 from FewShotSAMLib.clicks import dice, interior_point
 from FewShotSAMLib.prompts import make_generator
+from fewshotsam_lab import clickbench
+from fewshotsam_lab import evaluate as E
 
 # One foreground point alone on a kidney slice near either end and at a quarter of the organ (slices the
 # automatic extent may miss): mean Dice 88.7 with litemedsam-points, 0.0 with the box-trained litemedsam.

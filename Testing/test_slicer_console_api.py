@@ -2,7 +2,7 @@
 (headless ``slicer-core``): a loop over two volumes, the right kidney painted on its middle slice only.
 
 Embeddings come from the shared persistent cache (``.cache/embeddings``, filled by
-``tools/precompute_chaos_embeddings.py``) so the test decodes but does not re-encode; without the cache
+``python tools/lab.py precompute-embeddings``) so the test decodes but does not re-encode; without the cache
 it still runs, only slower.
 """
 
@@ -15,12 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import CHAOS_DIR
+
 slicer = pytest.importorskip("slicer", reason="slicer-core (headless MRML) is not installed")
 if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("the installed 'slicer' package has no MRML classes", allow_module_level=True)
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "chaos_t2"
+DATA = CHAOS_DIR
 sys.path.insert(0, str(REPO / "FewShotSAM"))
 
 from FewShotSAMHelpers import geometry as G, labelmaps as LM, logic as LG  # noqa: E402

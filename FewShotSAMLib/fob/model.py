@@ -257,7 +257,7 @@ class FoBNet(nn.Module):
     def forward(self, support_emb: torch.Tensor, support_mask: torch.Tensor, support_points: torch.Tensor,
                 query_emb: torch.Tensor) -> FoBOutput:
         """support_emb/query_emb (B, Cin, h, w); support_mask (B, S, S) float/bool in the model frame;
-        support_points (B, Np, 2) model-frame ring points (see :func:`..fob.episodes.ring_points`)."""
+        support_points (B, Np, 2) model-frame ring points (see :func:`..fob.inference.ring_points`)."""
         cfg = self.cfg
         fs = self.features(support_emb)
         fq = self.features(query_emb)

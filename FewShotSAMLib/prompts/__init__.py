@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import Optional
 
 from ..errors import UserInputError
 from .base import PromptGenerator, Prompts, QueryContext, Support
@@ -25,8 +24,8 @@ GENERATORS: dict[str, tuple[str, str]] = {
 DEFAULT_GENERATOR = "boxprop"
 
 
-def recommended_generator(sam: Optional[str] = None) -> str:
-    """The generator that measured best for the SAM model ``sam`` (what 'auto' means in the Slicer module).
+def recommended_generator() -> str:
+    """The generator that measured best, whatever the SAM model (what 'auto' means in the Slicer module).
 
     Measured on CHAOS (docs/RESULTS.md, product protocol: one painted slice, automatic extent): with the
     box-trained LiteMedSAM, box propagation (87 % Dice on fold 0) is far ahead of every prompt generator

@@ -5,19 +5,8 @@ rules (area, overlap with the neighbour, SAM score) decide where the target ends
 
 from __future__ import annotations
 
-import numpy as np
-
+from ..shape import mask_box
 from .base import Prompts, QueryContext, Support
-
-
-def mask_box(mask: np.ndarray, margin: float = 0.0, shape: tuple[int, int] | None = None) -> np.ndarray | None:
-    """(row0, col0, row1, col1) of a boolean mask, enlarged by ``margin`` pixels and clipped to ``shape``."""
-    rows, cols = np.nonzero(mask)
-    if rows.size == 0:
-        return None
-    h, w = shape or mask.shape
-    return np.array([max(0, rows.min() - margin), max(0, cols.min() - margin),
-                     min(h - 1, rows.max() + margin), min(w - 1, cols.max() + margin)], np.float32)
 
 
 class BoxPropagation:

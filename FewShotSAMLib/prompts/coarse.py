@@ -16,9 +16,9 @@ from typing import Optional
 
 import numpy as np
 
+from ..shape import label_components, mask_box
 from . import features as F
 from .base import Prompts, QueryContext, Support
-from .boxprop import mask_box
 
 
 class CoarseMaskPrompts:
@@ -40,7 +40,7 @@ class CoarseMaskPrompts:
         coarse = sim_model >= threshold
         if valid is not None:
             coarse &= np.asarray(valid, bool)
-        labels, n = F.components(coarse)
+        labels, n = label_components(coarse)
         out = []
         for j in range(1, n + 1):
             comp = labels == j

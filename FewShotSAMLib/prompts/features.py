@@ -1,4 +1,6 @@
-"""Shared feature helpers of the prompt generators (the one place for them).
+"""Shared feature helpers of the prompt generators (the one place for them; about 400 lines because every
+generator's arithmetic on embeddings lives here once instead of in five copies, and the helpers build
+on each other: grid <-> model frame, prototypes, similarity levels, thresholds, regions).
 
 Everything works on a SAM embedding ``(C, h, w)`` (a torch tensor or numpy array) and on masks in the
 *model frame* ``(S, S)`` (see ``prompts.base``). Grid cell ``(i, j)`` of the embedding covers model-frame
@@ -10,7 +12,8 @@ Helpers:
 - :func:`kmeans_pp`: seeded k-means with k-means++ initialisation (numpy, deterministic).
 - :func:`spread_points`: the best-scoring points at least a given distance apart.
 - :func:`ring`: the band around a mask (for background sampling near the target).
-- :func:`components`, :func:`opening`, :func:`mask_to_low_res`: mask post-processing for multi-pass generators.
+- :func:`opening`, :func:`mask_to_low_res`, :func:`best_component`: mask post-processing for multi-pass
+  generators (connected components: ``shape.label_components``).
 - :class:`SimilarityLevels` and :func:`presence_score`: a calibrated presence from similarity statistics.
 - :func:`wasserstein`: distance between two feature sets (POT's exact EMD).
 - :func:`summarise_support` (memoised per support), :func:`coarse_threshold` / :func:`region_around`: the
@@ -24,6 +27,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+
+from ..shape import label_components
 
 
 def _as_numpy(x) -> np.ndarray:
@@ -189,13 +194,6 @@ def ring(mask: np.ndarray, inner: int, outer: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------
 # Masks
 # ----------------------------------------------------------------------------------------------------
-def components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """8-connected components of a 2D bool mask: (labels, count)."""
-    from scipy import ndimage
-
-    return ndimage.label(np.asarray(mask, bool), structure=np.ones((3, 3), bool))
-
-
 def opening(mask: np.ndarray, radius: int) -> np.ndarray:
     """Morphological opening (erosion then dilation) with a (2r+1)^2 square; removes specks thinner than it."""
     from scipy import ndimage
@@ -358,7 +356,7 @@ def region_around(sim_model: np.ndarray, threshold: float, seed: Optional[np.nda
     above = np.asarray(sim_model) >= threshold
     if valid is not None:
         above &= np.asarray(valid, bool)
-    labels, n = components(above)
+    labels, n = label_components(above)
     if n == 0:
         return above
     if seed is not None:
@@ -374,7 +372,7 @@ def region_around(sim_model: np.ndarray, threshold: float, seed: Optional[np.nda
 def best_component(mask: np.ndarray, score_model: np.ndarray) -> np.ndarray:
     """The connected component of ``mask`` with the highest mean ``score_model`` (SynPo's rule); empty mask
     stays empty."""
-    labels, n = components(mask)
+    labels, n = label_components(mask)
     if n <= 1:
         return np.asarray(mask, bool)
     sums = np.bincount(labels.reshape(-1), weights=np.asarray(score_model, np.float64).reshape(-1), minlength=n + 1)

@@ -4,7 +4,8 @@ box from the predicted background ring for box-trained backends, and a calibrate
 
 Weights: ``FoBGenerator()`` loads the shipped ``FewShotSAMLib/fob/weights/fob.pt`` (package data) and checks
 it against the SHA-256 and SAM backend recorded in ``fob.json`` beside it; ``FoBGenerator(weights=path)`` loads any weights
-written by ``python -m FewShotSAMLib train`` (its ``.json`` beside it is checked when present).
+written by ``python tools/lab.py train-fob`` (research tooling of a source checkout; its ``.json`` beside it is
+checked when present).
 Inference needs only the support (embedding + mask) and the query embedding.
 """
 
@@ -43,7 +44,7 @@ class FoBGenerator:
 
         path = Path(weights) if weights else SHIPPED_WEIGHTS
         if not path.exists():
-            hint = ("train it with `python -m FewShotSAMLib train`" if weights
+            hint = ("train it with `python tools/lab.py train-fob` (source checkout)" if weights
                     else "the installation is incomplete; reinstall or pass weights=PATH")
             raise UserInputError(f"The FoB weights '{path}' do not exist; {hint}.")
         meta_path = path.with_suffix(".json")
@@ -97,8 +98,7 @@ class FoBGenerator:
     @torch.no_grad()
     def predict(self, support: Support, query: torch.Tensor, valid: Optional[np.ndarray] = None) -> dict:
         """Raw FoB outputs for one query: bg points, correlation map (S, S), presence, heatmap peaks."""
-        from ..fob.episodes import ring_points
-        from ..fob.train import presence_features
+        from ..fob.inference import presence_features, ring_points
 
         cfg = self.cfg
         smask = np.asarray(support.mask, bool)

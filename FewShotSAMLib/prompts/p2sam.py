@@ -23,10 +23,10 @@ from typing import Sequence
 
 import numpy as np
 
+from ..shape import mask_box
 from . import features as F
 from .base import Prompts, QueryContext, Support
-from .boxprop import mask_box
-from .persam import refine_with_mask_input
+from .refine import refine_with_mask_input
 
 
 class P2SAM:

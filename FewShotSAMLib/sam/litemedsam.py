@@ -1,6 +1,6 @@
 """LiteMedSAM (TinyViT encoder, 256x256 input): the embedded weights (box-trained) and ``litemedsam-points``,
 the same image encoder with a prompt encoder and mask decoder fine-tuned here to follow points
-(tools/train_point_decoder.py; weights in ``checkpoints/`` beside this file, SHA-256 in their metadata).
+(tools/fewshotsam_lab/point_decoder.py; weights in ``checkpoints/`` beside this file, SHA-256 in their metadata).
 
 ``litemedsam-points`` decodes a prompt set with points (corrective clicks, background points in holes,
 FoB's points) with the fine-tuned decoder, and a box alone with the embedded one: box answers, what box

@@ -1,14 +1,15 @@
 """Re-run latency of one slice after a prompt-point edit, through the Slicer module's MRML code (headless
 ``slicer-core``): what a user waits for between releasing a point and seeing the slice updated.
 
-Run by ``python -m FewShotSAMLib bench`` in a child process when slicer-core is installed (the library
-itself never imports slicer); stand-alone: ``python tools/bench_slicer_rerun.py [DATA_DIR]``.
+Run by ``python tools/lab.py bench`` in a child process when slicer-core is installed (the library
+itself never imports slicer); stand-alone: ``python tools/lab.py bench-slicer-rerun [--data DATA_DIR]``.
 Prints one line ``BENCH_MRML {json}``. The first run on CHAOS volume 1 (right kidney painted on its middle
 slice, boxprop) reads embeddings from ``.cache/embeddings`` when they are there.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -17,11 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "FewShotSAM")]
+from . import datasets
+
+REPO = datasets.REPO_ROOT
 
 
-def main(data_dir: Path, repeats: int = 10) -> dict:
+def measure(data_dir: Path, repeats: int = 10) -> dict:
+    """The figures (median re-run, every edit's time, the first run's time and encoded slices)."""
+    if str(REPO / "FewShotSAM") not in sys.path:  # the Slicer module's helper package
+        sys.path.insert(0, str(REPO / "FewShotSAM"))
     import slicer
 
     from FewShotSAMHelpers import geometry as G, labelmaps as LM, logic as LG
@@ -29,8 +34,9 @@ def main(data_dir: Path, repeats: int = 10) -> dict:
 
     LM.ensure_segmentation_converters()
     scene = slicer.vtkMRMLScene()
-    image = read_volume(data_dir / "chaos_t2" / "image_1.nii.gz")
-    truth = read_volume(data_dir / "chaos_t2" / "label_1.nii.gz", "label").array == 2
+    image_path, label_path = datasets.chaos_case(1, data_dir)
+    image = read_volume(image_path)
+    truth = read_volume(label_path, "label").array == 2
     vol = G.add_volume_node(scene, image.array, G.ijk_to_ras_from_index_to_lps(image.index_to_lps_matrix), "chaos_1")
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
     seg.SetReferenceImageGeometryParameterFromVolumeNode(vol)
@@ -60,6 +66,14 @@ def main(data_dir: Path, repeats: int = 10) -> dict:
             "rerun_mrml_slices_encoded": state.session.cache.encoded}
 
 
-if __name__ == "__main__":
-    data = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO.parent / "shared" / "data"
-    print("BENCH_MRML " + json.dumps(main(data)))
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of the ``bench-slicer-rerun`` command."""
+    p.add_argument("--data", type=Path, default=datasets.data_root(),
+                   help=f"The shared data folder (default {datasets.data_root()}, or ${datasets.DATA_ENV}).")
+    p.add_argument("--repeats", type=int, default=10, help="Point edits to time (default 10).")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print ``BENCH_MRML {json}``."""
+    print("BENCH_MRML " + json.dumps(measure(Path(args.data), args.repeats)))
+    return 0

@@ -2,8 +2,8 @@
 (``product``), every method on one SAM backend and one persistent embedding cache.
 
 Protocols (see docs/RESULTS.md for the numbers):
-- Folds: volumes sorted by numeric id; positions {0-4}, {4-8}, {8-12}, {12-16}, {16-19, 0} (5 test
-  volumes per fold; neighbouring folds share one volume, as in the SSL-ALPNet/ADNet/FoB code).
+- Folds, organs and files: ``datasets.py`` (volumes sorted by numeric id; positions {0-4}, {4-8}, {8-12},
+  {12-16}, {16-19, 0}).
 - ``fewshot``: the support is the fold's volume at position 2 (removed from the queries). From its slices
   holding the organ (a sorted list of n slices) the supports are the slices at list positions
   floor(n/6), floor(n/2), floor(5n/6) (fractions 1/6, 1/2, 5/6). Each query volume keeps only its slices
@@ -37,20 +37,18 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .clicks import dice  # noqa: F401 - the harness's Dice (E.dice)
-from .errors import UserInputError
-from .sam.names import BACKEND_NAMES, DEFAULT_SAM
-from .threads import single_threaded_blas
-from .volume import atomic_write, atomic_write_text
+from FewShotSAMLib.clicks import dice  # noqa: F401 - the harness's Dice (E.dice)
+from FewShotSAMLib.errors import UserInputError
+from FewShotSAMLib.sam.names import BACKEND_NAMES, DEFAULT_SAM
+from FewShotSAMLib.slices import OUTSIDE_LOGIT
+from FewShotSAMLib.threads import single_threaded_blas
+from FewShotSAMLib.volume import atomic_write, atomic_write_text
+
+from .datasets import (ORGANS, TARGET_NAMES, fold_volume_ids, list_cases, organ_name, organ_slices, parse_folds,
+                       parse_organs, target_mask)
 
 log = logging.getLogger(__name__)
 
-ORGANS: dict[int, str] = {1: "liver", 2: "right_kidney", 3: "left_kidney", 4: "spleen"}
-# Targets made of several labels, painted and scored as one (issue "pieces and holes"): --organs 2+3
-COMBINED: dict[int, tuple[str, tuple[int, ...]]] = {23: ("both_kidneys", (2, 3))}
-TARGET_NAMES: dict[int, str] = {**ORGANS, **{k: name for k, (name, _) in COMBINED.items()}}
-FOLD_POSITIONS: list[list[int]] = [[0, 1, 2, 3, 4], [4, 5, 6, 7, 8], [8, 9, 10, 11, 12], [12, 13, 14, 15, 16],
-                                   [16, 17, 18, 19, 0]]
 SUPPORT_POSITION = 2
 SUPPORT_FRACTIONS = (1 / 6, 1 / 2, 5 / 6)
 TRAINING_FREE = ("persam", "p2sam", "synpo", "boxprop", "coarse")
@@ -59,97 +57,11 @@ SETTINGS = {
     1: "Setting 1: training may see the test organs (unlabeled, e.g. as superpixel pseudo-labels).",
     2: "Setting 2: training slices that contain any of the four test organs are excluded.",
 }
-PUBLISHED = {  # 1-shot CHAOS-MRI (Abd-MRI), mean Dice %, as published
-    "FoB + SAM ViT-H": (84.46, "FoB paper (Focus on Background), Setting 1"),
-    "SynPo": (81.15, "SynPo paper, Table 1 (CHAOS-MRI)"),
-    "ProtoSAM": (77.83, "as reported in the SynPo paper, Table 1"),
-    "PerSAM": (61.12, "as reported in the SynPo paper, Table 1"),
-}
 
 
 # ----------------------------------------------------------------------------------------------------
-# Folds, supports, chunks, Dice
+# Supports and chunks (the fewshot protocol; folds, organs and files: datasets.py)
 # ----------------------------------------------------------------------------------------------------
-def list_cases(data_dir: str | Path) -> list[tuple[int, Path, Path]]:
-    """(id, image path, label path) of every ``image_<id>.nii.gz`` with its label, sorted by numeric id."""
-    d = Path(data_dir)
-    if not d.is_dir():
-        raise UserInputError(f"The data folder '{data_dir}' does not exist; pass --data pointing at chaos_t2.")
-    cases = []
-    for img in d.glob("image_*.nii.gz"):
-        stem = img.name[len("image_"):-len(".nii.gz")]
-        if not stem.isdigit():
-            continue
-        lab = d / f"label_{stem}.nii.gz"
-        if lab.exists():
-            cases.append((int(stem), img, lab))
-    if not cases:
-        raise UserInputError(f"The data folder '{data_dir}' holds no image_<id>.nii.gz / label_<id>.nii.gz pairs.")
-    return sorted(cases)
-
-
-def fold_volume_ids(ids: Sequence[int], fold: int) -> list[int]:
-    """The ids of the test volumes of ``fold`` (0-4) from the sorted id list (needs 20 volumes)."""
-    if not 0 <= fold < len(FOLD_POSITIONS):
-        raise UserInputError(f"Fold {fold} does not exist; use folds 0 to {len(FOLD_POSITIONS) - 1}.")
-    ids = sorted(ids)
-    if max(FOLD_POSITIONS[fold]) >= len(ids):
-        raise UserInputError(f"Fold {fold} needs at least {max(FOLD_POSITIONS[fold]) + 1} volumes; the data has {len(ids)}.")
-    return [ids[p] for p in FOLD_POSITIONS[fold]]
-
-
-def parse_folds(text: str) -> list[int]:
-    """'0-4' / '0,2' / '3' -> sorted fold indices."""
-    out: set[int] = set()
-    try:
-        for part in str(text).split(","):
-            part = part.strip()
-            if "-" in part:
-                a, b = part.split("-")
-                out.update(range(int(a), int(b) + 1))
-            elif part:
-                out.add(int(part))
-    except ValueError:
-        raise UserInputError(f"--folds '{text}' is not a fold list; write e.g. 0-4 or 0,2.") from None
-    bad = [f for f in out if not 0 <= f < len(FOLD_POSITIONS)]
-    if bad or not out:
-        raise UserInputError(f"--folds '{text}' must name folds between 0 and {len(FOLD_POSITIONS) - 1}.")
-    return sorted(out)
-
-
-def target_mask(label: np.ndarray, organ: int) -> np.ndarray:
-    """Where ``label`` holds target ``organ`` (a label value, or a COMBINED key for several labels)."""
-    return np.isin(label, COMBINED[organ][1]) if organ in COMBINED else label == organ
-
-
-def parse_organs(text: str, any_label: bool = False) -> list[int]:
-    """'1,2,3,4' or '2+3' (both kidneys as one target) -> target keys; with ``any_label`` every label
-    number is accepted (a single labelled volume of another dataset)."""
-    keys = []
-    for token in (t.strip() for t in str(text).split(",")):
-        if not token:
-            continue
-        if "+" in token:
-            labels = tuple(sorted(int(v) for v in token.split("+") if v.strip().isdigit()))
-            key = next((k for k, (_, ls) in COMBINED.items() if ls == labels), None)
-            if key is None:
-                raise UserInputError(f"--organs: '{token}' is not a known combined target; use 2+3 (both kidneys).")
-            keys.append(key)
-        elif token.isdigit() and (any_label or int(token) in ORGANS):
-            keys.append(int(token))
-        else:
-            raise UserInputError(f"--organs: '{token}' is not one of 1, 2, 3, 4 (liver, right kidney, left kidney, "
-                                 "spleen) or 2+3 (both kidneys as one target).")
-    if not keys:
-        raise UserInputError("--organs is empty; give label numbers such as 1,2,3,4.")
-    return keys
-
-
-def organ_slices(label: np.ndarray, organ: int) -> np.ndarray:
-    """Indices (axis 0) of the slices that hold ``organ``."""
-    return np.flatnonzero(target_mask(label, organ).any(axis=(1, 2)))
-
-
 def support_slice_indices(slices: Sequence[int]) -> list[int]:
     """The 3 support slices at fractions 1/6, 1/2, 5/6 of the organ's sorted slice list."""
     s = list(slices)
@@ -194,8 +106,8 @@ class CaseStore:
     def get(self, cid: int) -> Case:
         """The case ``cid`` (read once)."""
         if cid not in self._cases:
-            from .slices import PreparedVolume
-            from .volume import choose_intensity, label_on_image_grid, read_volume
+            from FewShotSAMLib.slices import PreparedVolume
+            from FewShotSAMLib.volume import choose_intensity, label_on_image_grid, read_volume
 
             img, lab = self.paths[cid]
             vol = read_volume(img)
@@ -207,7 +119,7 @@ class CaseStore:
 
     def session(self, case: Case):
         """A VolumeSession of ``case`` on the store's backend, cache and intensities."""
-        from .engine import VolumeSession
+        from FewShotSAMLib.engine import VolumeSession
 
         return VolumeSession(case.image, case.spacing, sam=self.backend, intensity=case.prepared.intensity,
                              cache=self.cache)
@@ -230,13 +142,13 @@ def make_method(name: str, fold: int, setting: int, fob_pattern: str = FOB_WEIGH
                 fob_mode: Optional[str] = None):
     """The generator for ``name`` on ``fold``; for fob the fold's model (prompt mode ``fob_mode``, None for
     the one recorded with the weights), or None when its weights are absent."""
-    from .prompts import make_generator
+    from FewShotSAMLib.prompts import make_generator
 
     if name == "fob":
         path = fob_weights_path(fob_pattern, fold, setting)
         if not path.exists():
             return None
-        from .prompts.fob import FoBGenerator
+        from FewShotSAMLib.prompts.fob import FoBGenerator
 
         return FoBGenerator(weights=str(path), mode=fob_mode)
     return make_generator(name)
@@ -255,7 +167,7 @@ def fewshot_volume(store: CaseStore, generator, support_case: Case, query_case: 
                    ) -> tuple[float, int, float]:
     """Dice (%) of one query volume for one organ under the fewshot protocol, the number of evaluated
     slices and the seconds spent generating and decoding."""
-    from .prompts.base import QueryContext, Support
+    from FewShotSAMLib.prompts.base import QueryContext, Support
 
     backend = store.backend
     spv, qpv = support_case.prepared, query_case.prepared
@@ -274,9 +186,9 @@ def fewshot_volume(store: CaseStore, generator, support_case: Case, query_case: 
             ctx = QueryContext(None, qpv.valid, q, 0)
             prompts = generator.generate(supports[j], emb, ctx, backend)
             if prompts.is_empty:
-                logits = np.full(qpv.valid.shape, -20.0, np.float32)
+                logits = np.full(qpv.valid.shape, OUTSIDE_LOGIT, np.float32)
             else:
-                logits = np.where(qpv.valid, backend.decode(emb, prompts).logits, -20.0)
+                logits = np.where(qpv.valid, backend.decode(emb, prompts).logits, OUTSIDE_LOGIT)
             pred[k] = qpv.frame.to_native(logits) > 0
             seconds += time.perf_counter() - t0
             k += 1
@@ -376,10 +288,11 @@ def evaluate_clicks(store: CaseStore, methods: Sequence[str], organs: Sequence[i
                     progress: Optional[Callable[[str], None]] = None, targets_desc: str = "") -> dict:
     """The click benchmark (``clickbench.py``) for ``methods`` on every volume of ``store`` and ``organs``
     (FoB with its shipped weights, which saw no label)."""
-    from . import clickbench
-    from .prompts import make_generator
+    from FewShotSAMLib.prompts import make_generator
 
-    names = [clickbench.organ_name(TARGET_NAMES, o) for o in organs]
+    from . import clickbench
+
+    names = [organ_name(o) for o in organs]
     out = {"protocol": "clicks", "sam": store.backend.name, "rounds": int(rounds), "organs": names,
            "volumes_ids": store.ids, "targets_desc": targets_desc, "methods": {}, "complete": False}
     for name in methods:
@@ -521,7 +434,7 @@ def plot(result: dict, path: str | Path) -> None:
 # Command line
 # ----------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``python -m FewShotSAMLib evaluate``."""
+    """Options of ``python tools/lab.py evaluate``."""
     parser.add_argument("--data", help="folder with image_<id>.nii.gz and label_<id>.nii.gz (CHAOS T2)")
     parser.add_argument("--image", help="instead of --data (protocol clicks): one image file ...")
     parser.add_argument("--label", help="... and its label map; --organs then takes any label numbers")
@@ -593,15 +506,15 @@ def run(args: argparse.Namespace) -> int:
     """Run the evaluation described by ``args``; returns the exit code."""
     import torch
 
-    from .prompts import GENERATORS
-    from .volume import check_output_path
+    from FewShotSAMLib.prompts import GENERATORS
+    from FewShotSAMLib.volume import check_output_path
 
     if args.threads:
         torch.set_num_threads(int(args.threads))
     if args.decoder_threads:
         import os
 
-        from .sam.base import DECODER_THREADS_ENV
+        from FewShotSAMLib.sam.base import DECODER_THREADS_ENV
 
         os.environ[DECODER_THREADS_ENV] = str(int(args.decoder_threads))  # read when the decoder is built
     methods = [m.strip().lower() for m in str(args.methods).split(",") if m.strip()]
@@ -655,8 +568,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _open_store(args: argparse.Namespace, cases: Sequence[tuple[int, Path, Path]]) -> CaseStore:
     """The cases on the backend ``args.sam`` with the persistent embedding cache ``args.cache_dir``."""
-    from .sam import load_backend
-    from .sam.cache import EmbeddingCache
+    from FewShotSAMLib.sam import load_backend
+    from FewShotSAMLib.sam.cache import EmbeddingCache
 
     backend = load_backend(args.sam, args.device)
     return CaseStore(cases, backend, EmbeddingCache(backend, cap_bytes=256 << 20, persist_dir=args.cache_dir))
@@ -703,19 +616,3 @@ def _run_clicks(args: argparse.Namespace, methods: Sequence[str], organs: Sequen
                  " -> ".join(f"{d:.2f}" for d in m["dice_per_round"]), m["noc85"], m["noc90"])
     return 0
 
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Stand-alone entry point (the project CLI registers ``evaluate`` with add_arguments/run)."""
-    parser = argparse.ArgumentParser(prog="python -m FewShotSAMLib.evaluate", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    try:
-        return run(args)
-    except UserInputError as exc:
-        log.error("error: %s", exc)
-        return exc.exit_code
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

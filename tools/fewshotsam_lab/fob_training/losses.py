@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from FewShotSAMLib.fob.model import FoBConfig, FoBOutput, gaussian_heatmaps, weighted_pool
+
 from .episodes import Episode
-from .model import FoBConfig, FoBOutput, gaussian_heatmaps, weighted_pool
 
 
 @dataclass

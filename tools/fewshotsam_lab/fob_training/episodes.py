@@ -7,8 +7,9 @@ before encoding: re-encoding an augmented slice costs seconds on this CPU, warpi
 milliseconds. Intensity (gamma) augmentation has no exact embedding-space equivalent; per-channel
 multiplicative jitter and additive noise stand in for it.
 
-Ring points: ``ring_points`` is the one function that orders background points, used for the support
-prompts, the query ground truth and inference alike, so channel i means the same place everywhere.
+Ring points: ``ring_points`` (``FewShotSAMLib/fob/inference.py``) is the one function that orders background
+points, used for the support prompts, the query ground truth and inference alike, so channel i means the
+same place everywhere.
 """
 
 from __future__ import annotations
@@ -23,36 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..prompts.features import ring
+from FewShotSAMLib.fob.inference import ring_points
 
 log = logging.getLogger(__name__)
-
-
-def ring_points(mask: np.ndarray, n: int, inner: int, outer: int, valid: Optional[np.ndarray] = None) -> np.ndarray:
-    """``n`` (row, col) points spread uniformly along the ring between two square dilations of ``mask``,
-    in a fixed order: clockwise by angle around the mask's centroid, starting straight up (smallest row).
-
-    Uniform means equal numbers of ring pixels between consecutive points in that angular order. Returns
-    float32 (n, 2); an empty mask gives an empty array.
-    """
-    m = np.asarray(mask, bool)
-    if not m.any():
-        return np.zeros((0, 2), np.float32)
-    band = ring(m, inner, outer)
-    if valid is not None and (band & valid).any():
-        band &= valid
-    if not band.any():  # the mask fills the frame: fall back to its own boundary
-        from scipy import ndimage
-
-        band = m & ~ndimage.binary_erosion(m)
-    rows, cols = np.nonzero(band)
-    cr, cc = np.nonzero(m)
-    r0, c0 = cr.mean(), cc.mean()
-    ang = np.mod(np.arctan2(cols - c0, -(rows - r0)), 2 * np.pi)  # 0 = up, increasing clockwise
-    order = np.lexsort((np.hypot(rows - r0, cols - c0), ang))
-    pick = ((np.arange(n) + 0.5) * len(order) / n).astype(int).clip(0, len(order) - 1)
-    sel = order[pick]
-    return np.stack([rows[sel], cols[sel]], 1).astype(np.float32)
 
 
 def outer_band(mask: np.ndarray, width: int = 4) -> np.ndarray:
@@ -168,8 +142,9 @@ def load_volume_episodes(image_path: Path, backend, cache_dir: Path, *, min_pixe
                          exclude_labels: Sequence[int] = (), label_path: Optional[Path] = None,
                          supervoxel_kwargs: Optional[dict] = None):
     """Read one volume, compute (or load cached) supervoxels and its episode pairs."""
-    from ..slices import PreparedVolume
-    from ..volume import choose_intensity, normalise, read_volume
+    from FewShotSAMLib.slices import PreparedVolume
+    from FewShotSAMLib.volume import choose_intensity, normalise, read_volume
+
     from .supervoxels import supervoxels
 
     vol = read_volume(image_path)
@@ -187,7 +162,7 @@ def load_volume_episodes(image_path: Path, backend, cache_dir: Path, *, min_pixe
     excluded = None
     if exclude_labels:
         if label_path is None or not Path(label_path).exists():
-            from ..errors import UserInputError
+            from FewShotSAMLib.errors import UserInputError
 
             raise UserInputError(f"--exclude-labels needs the label file of {image_path.name} "
                                  f"(label_<id>.nii.gz beside it); it is missing.")
@@ -230,7 +205,7 @@ class EpisodeSampler:
                  seed: int = 0) -> None:
         self.volumes = [v for v in volumes if v.pairs]
         if not self.volumes:
-            from ..errors import UserInputError
+            from FewShotSAMLib.errors import UserInputError
 
             raise UserInputError("No training episodes: no volume has two adjacent slices sharing a supervoxel "
                                  "large enough; use more or larger volumes.")

@@ -1,10 +1,12 @@
-"""``python -m FewShotSAMLib bench``: encoder, generator and decoder speed, whole-volume cost, re-run latency,
+"""``python tools/lab.py bench``: encoder, generator and decoder speed, whole-volume cost, re-run latency,
 start-up time and peak memory, as medians and as ratios to the plain float32 eager batch-1 encoder measured
 in the same run (the machine may be shared: ratios from one run are what compare).
 
 Encoder variants are timed in interleaved rounds (every variant once per round) so that a change of load
-during the run affects all of them alike. The memory and start-up parts run in child processes so that
-their peak memory and their imports are their own.
+during the run affects all of them alike. The memory and start-up parts run in child processes
+(``bench_child.py``) so that their peak memory and their imports are their own. The data (the default
+CHAOS volume, the TotalSegmentator CT of the memory part, the Slicer re-run's volume) come from ``--data``
+(default: ``datasets.data_root()``).
 """
 
 from __future__ import annotations
@@ -26,15 +28,28 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .sam.names import DEFAULT_SAM
-from .errors import UserInputError
-from .volume import atomic_write_text, painted_slices, read_volume
+from FewShotSAMLib.errors import UserInputError
+from FewShotSAMLib.sam.names import DEFAULT_SAM
+from FewShotSAMLib.slices import OUTSIDE_LOGIT
+from FewShotSAMLib.volume import atomic_write_text, painted_slices, read_volume
+
+from . import datasets
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
-CHAOS_ORGANS = {1: "liver", 2: "right kidney", 3: "left kidney", 4: "spleen"}
+TOOLS_DIR = Path(__file__).resolve().parents[1]  # fewshotsam_lab's folder (tools/)
+LAB_SCRIPT = TOOLS_DIR / "lab.py"
+
+
+def _organ_label(organ: int) -> str:
+    """A CHAOS organ's name as the figures show it ('right kidney'), else the label number."""
+    return datasets.ORGANS[organ].replace("_", " ") if organ in datasets.ORGANS else str(organ)
+
+
+def _child_env() -> dict:
+    """The environment of a child process: the library of this checkout and fewshotsam_lab importable."""
+    path = os.pathsep.join([str(datasets.REPO_ROOT), str(TOOLS_DIR)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    return dict(os.environ, PYTHONPATH=path)
 
 
 @dataclass(frozen=True)
@@ -94,7 +109,7 @@ def library_default_variant() -> str:
     has native bfloat16, else in float32; PyTorch with BN folding when openvino is not installed."""
     import torch
 
-    from .sam.base import openvino_available, resolve_precision
+    from FewShotSAMLib.sam.base import openvino_available, resolve_precision
 
     if not openvino_available():
         return "fp32-fused-b4"
@@ -102,7 +117,10 @@ def library_default_variant() -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of the ``bench`` subcommand."""
+    """Options of the ``bench`` command."""
+    p.add_argument("--data", type=Path, default=datasets.data_root(),
+                   help=f"The shared data folder (chaos_t2/, totalseg_ct/; default {datasets.data_root()}, "
+                   f"or ${datasets.DATA_ENV}).")
     p.add_argument("--volume", default=None, help="Volume to time (default: CHAOS image_1 from the shared data).")
     p.add_argument("--labels", default=None, help="Label map of --volume with the organs (default: CHAOS label_1).")
     p.add_argument("--organs", default="1,2,3,4", help="Label values of the organs to segment (default 1,2,3,4).")
@@ -152,7 +170,7 @@ def _peak_rss_gb() -> float:
 
 
 def _make_backend(variant: EncoderVariant, device: str, sam: str = DEFAULT_SAM):
-    from .sam.litemedsam import LiteMedSAMBackend
+    from FewShotSAMLib.sam.litemedsam import LiteMedSAMBackend
 
     backend = LiteMedSAMBackend(device=device, precision=variant.precision, fuse=variant.fuse,
                                 channels_last=variant.channels_last, compile=variant.compile,
@@ -162,7 +180,7 @@ def _make_backend(variant: EncoderVariant, device: str, sam: str = DEFAULT_SAM):
 
 
 def _chaos_default(data_dir: Path) -> tuple[Path, Path]:
-    img, lab = data_dir / "chaos_t2" / "image_1.nii.gz", data_dir / "chaos_t2" / "label_1.nii.gz"
+    img, lab = datasets.chaos_case(1, data_dir)
     if not img.exists():
         raise UserInputError(f"No --volume given and the default CHAOS volume is missing at {img}; "
                              "pass --volume IMAGE --labels LABELS.")
@@ -248,12 +266,12 @@ def bench_volume(image, labels: np.ndarray, organs: list[int], fast: EncoderVari
     empty caches, so that the ratio of the two is taken from neighbouring measurements (this machine's
     speed drifts by tens of percent over minutes). Figures are medians over the rounds; the ratios are
     the medians of the per-round ratios. Returns the figures and the last round's session."""
-    from .engine import VolumeSession
-    from .prompts import DEFAULT_GENERATOR, make_generator
-    from .prompts.base import Prompts
-    from .sam.cache import EmbeddingCache
-    from .slices import PreparedVolume
-    from .volume import choose_intensity
+    from FewShotSAMLib.engine import VolumeSession
+    from FewShotSAMLib.prompts import DEFAULT_GENERATOR, make_generator
+    from FewShotSAMLib.prompts.base import Prompts
+    from FewShotSAMLib.sam.cache import EmbeddingCache
+    from FewShotSAMLib.slices import PreparedVolume
+    from FewShotSAMLib.volume import choose_intensity
 
     backend = _make_backend(fast, device, sam)
     # Warm-up: the encoder, and the decoder (an exported decoder is built at its first decode, about half
@@ -294,13 +312,13 @@ def bench_volume(image, labels: np.ndarray, organs: list[int], fast: EncoderVari
             t = time.perf_counter()
             res = session.segment(example, generator=gen, axis=0)
             dice = 2 * float((res.mask & truth).sum()) / max(1, int(res.mask.sum() + truth.sum()))
-            per_organ[CHAOS_ORGANS.get(organ, str(organ))] = {"seconds": round(time.perf_counter() - t, 2),
+            per_organ[_organ_label(organ)] = {"seconds": round(time.perf_counter() - t, 2),
                                                               "dice": round(dice, 4), "painted": painted,
                                                               "slices": len(res.segmented_slices)}
             results[organ] = res
         fig["four_organs_s"] = time.perf_counter() - t_all
         del backend.decode, backend.encode_to_host
-        fig["one_organ_s"] = per_organ[CHAOS_ORGANS.get(organs[0], str(organs[0]))]["seconds"]
+        fig["one_organ_s"] = per_organ[_organ_label(organs[0])]["seconds"]
         fig["organs"] = per_organ
         fig["slices_encoded_in_run"] = session.cache.encoded
         fig["encoder_in_run_s"] = encode.seconds
@@ -341,7 +359,7 @@ def bench_volume(image, labels: np.ndarray, organs: list[int], fast: EncoderVari
 def bench_rerun(session, repeats: int = 20) -> dict:
     """End-to-end re-run of one slice after a point edit: cached embedding, decoder, back to native pixels
     (``VolumeSession.decode_slice``, what the Slicer module calls), median over ``repeats``."""
-    from .prompts.base import Prompts
+    from FewShotSAMLib.prompts.base import Prompts
 
     res = next(iter(session.bench_results.values()))
     candidates = [k for k in res.prompts if k not in res.painted]
@@ -365,7 +383,7 @@ def bench_rerun(session, repeats: int = 20) -> dict:
         t1 = time.perf_counter()
         out = session.backend.decode(emb, edited)
         t2 = time.perf_counter()
-        pv.frame.to_native(np.where(pv.valid, out.logits, -20.0))
+        pv.frame.to_native(np.where(pv.valid, out.logits, OUTSIDE_LOGIT))
         t3 = time.perf_counter()
         parts["cache_get"].append(t1 - t0)
         parts["decode"].append(t2 - t1)
@@ -373,7 +391,7 @@ def bench_rerun(session, repeats: int = 20) -> dict:
     # The same re-run with each decoder runtime the machine has, interleaved (OpenVINO in bfloat16 beside a
     # reduced-precision encoder on a CPU with bfloat16, else ONNX Runtime, is the CPU default; PyTorch is
     # the fallback).
-    from .sam.base import onnxruntime_available, openvino_available
+    from FewShotSAMLib.sam.base import onnxruntime_available, openvino_available
 
     backend = session.backend
     runtime = backend.decoder_runtime
@@ -401,30 +419,14 @@ def bench_rerun(session, repeats: int = 20) -> dict:
     return out
 
 
-_STARTUP_CHILD = r"""
-import json, os, sys, time
-t_parent = float(sys.argv[1])
-from FewShotSAMLib.sam import base
-def first_encode(self, frames):
-    c = os.times()
-    sys.stderr.write("BENCH_STARTUP " + json.dumps({"wall_s": time.time() - t_parent,
-                     "cpu_s": c.user + c.system, "modules": len(sys.modules),
-                     "timm": "timm" in sys.modules, "torchvision": "torchvision" in sys.modules}) + "\n")
-    sys.stderr.flush()
-    os._exit(0)
-base.SamBackend._run_encoder = first_encode
-from FewShotSAMLib.cli import main
-sys.exit(main(sys.argv[2:]))
-"""
-
-
 def bench_rerun_mrml(data_dir: Path) -> dict:
-    """The re-run latency through the Slicer module's MRML code (``tools/bench_slicer_rerun.py`` in a child
-    process, since the library never imports slicer); {} with a note when slicer-core is not installed."""
-    script = REPO_ROOT / "tools" / "bench_slicer_rerun.py"
-    if importlib.util.find_spec("slicer") is None or not script.exists():
+    """The re-run latency through the Slicer module's MRML code (``python tools/lab.py bench-slicer-rerun``
+    in a child process, since the library never imports slicer); {} with a note when slicer-core is not
+    installed."""
+    if importlib.util.find_spec("slicer") is None:
         return {"rerun_mrml_note": "slicer-core is not installed: pip install slicer-core"}
-    proc = subprocess.run([sys.executable, str(script), str(data_dir)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, str(LAB_SCRIPT), "bench-slicer-rerun", "--data", str(data_dir)],
+                          capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH_MRML "):
             return json.loads(line[len("BENCH_MRML "):])
@@ -435,11 +437,11 @@ def bench_startup(volume: Path, labels: Path, organ: int) -> dict:
     """Seconds from launching ``python -m FewShotSAMLib segment`` on ``volume`` until its first slice goes
     to the encoder (wall clock and the child's CPU time), in a fresh process."""
     with tempfile.TemporaryDirectory(prefix="fewshotsam-bench-") as tmp:
-        cmd = [sys.executable, "-c", _STARTUP_CHILD, "", "segment", str(volume),
+        cmd = [sys.executable, "-m", "fewshotsam_lab.bench_child", "startup", "", "segment", str(volume),
                "--example", str(labels), "--label", str(organ), "--output", str(Path(tmp) / "out.nii.gz"),
                "--device", "cpu", "--quiet"]
-        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        cmd[3] = repr(time.time())
+        env = _child_env()
+        cmd[4] = repr(time.time())
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
     for line in proc.stderr.splitlines():
         if line.startswith("BENCH_STARTUP "):
@@ -454,10 +456,7 @@ def make_large_ct(data_dir: Path, depth: int = 600, size: int = 512):
     of view, and its label map (nearest). Returns (Volume image, Volume labels)."""
     import SimpleITK as sitk
 
-    from .volume import read_volume
-
-    src = data_dir / "totalseg_ct" / "example_ct_sm.nii.gz"
-    seg = data_dir / "totalseg_ct" / "example_seg.nii.gz"
+    src, seg = datasets.totalseg_ct(datasets.totalseg_dir(data_dir))
     if not src.exists():
         raise UserInputError(f"The TotalSegmentator CT is missing at {src}; the memory part needs it.")
     img = sitk.ReadImage(str(src))
@@ -480,32 +479,15 @@ def make_large_ct(data_dir: Path, depth: int = 600, size: int = 512):
         return read_volume(p_img), read_volume(p_lab)
 
 
-_MEMORY_BUILD = r"""
-import json, sys
-from pathlib import Path
-from FewShotSAMLib.bench import write_large_ct_case
-print("BENCH_CT " + json.dumps(write_large_ct_case(Path(sys.argv[1]), Path(sys.argv[2]))))
-"""
-
-_MEMORY_MEASURE = r"""
-import json, resource, subprocess, sys, time
-t = time.perf_counter()
-proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)
-print("BENCH_MEMORY " + json.dumps({"returncode": proc.returncode, "stderr": proc.stderr[-2000:],
-      "seconds": time.perf_counter() - t,
-      "peak_rss_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9}))
-"""
-
-
 def write_large_ct_case(data_dir: Path, out_dir: Path) -> dict:
     """Write the 512 x 512 x 600 CT (:func:`make_large_ct`) and an example with the liver painted on its
     middle slice into ``out_dir`` (uncompressed NIfTI); returns the slicing axis, painted slice and depth."""
     import SimpleITK as sitk
 
-    from .volume import to_sitk
+    from FewShotSAMLib.volume import to_sitk
 
     image, labels = make_large_ct(data_dir)
-    liver = labels.array == 5
+    liver = labels.array == datasets.TOTALSEG_LIVER
     axis = int(np.argmax(image.array.shape) if image.array.shape.count(max(image.array.shape)) == 1 else 0)
     zs = painted_slices(liver, axis)
     painted = int(zs[len(zs) // 2])
@@ -524,11 +506,11 @@ def bench_memory(data_dir: Path, n_slices: int, cap_mb: float, device: str) -> d
     user runs it, in a fresh process whose peak (VmHWM of that process alone) is read after it ends.
     ``n_slices`` 0 = automatic extent; otherwise that many slices around the painted one (forced range).
     The cache cap (``cap_mb``; 0 = the library's default) is passed through FEWSHOTSAM_CACHE_CAP_MB."""
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = _child_env()
     with tempfile.TemporaryDirectory(prefix="fewshotsam-bench-ct-") as tmp:
         tmp_path = Path(tmp)
-        proc = subprocess.run([sys.executable, "-c", _MEMORY_BUILD, str(data_dir), tmp], capture_output=True,
-                              text=True, env=env)
+        proc = subprocess.run([sys.executable, "-m", "fewshotsam_lab.bench_child", "build-ct", str(data_dir), tmp],
+                              capture_output=True, text=True, env=env)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_CT ")]
         if proc.returncode or not lines:
             raise RuntimeError(f"building the large CT failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
@@ -544,7 +526,8 @@ def bench_memory(data_dir: Path, n_slices: int, cap_mb: float, device: str) -> d
             env["FEWSHOTSAM_CACHE_CAP_MB"] = str(cap_mb)
         else:
             env.pop("FEWSHOTSAM_CACHE_CAP_MB", None)
-        proc = subprocess.run([sys.executable, "-c", _MEMORY_MEASURE, *cmd], capture_output=True, text=True, env=env)
+        proc = subprocess.run([sys.executable, "-m", "fewshotsam_lab.bench_child", "measure", *cmd],
+                              capture_output=True, text=True, env=env)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_MEMORY ")]
         if proc.returncode or not lines:
             raise RuntimeError(f"the memory measurement failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
@@ -564,9 +547,9 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark parts, print a summary and optionally write JSON. Returns the exit code."""
     import torch
 
-    from .sam.base import cpu_has_fast_bf16, onnxruntime_available, openvino_available, resolve_device
-    from .slices import PreparedVolume
-    from .volume import choose_intensity, read_volume
+    from FewShotSAMLib.sam.base import cpu_has_fast_bf16, onnxruntime_available, openvino_available, resolve_device
+    from FewShotSAMLib.slices import PreparedVolume
+    from FewShotSAMLib.volume import choose_intensity, read_volume
 
     if args.threads:
         torch.set_num_threads(int(args.threads))
@@ -574,7 +557,7 @@ def run(args: argparse.Namespace) -> int:
     unknown = skip - {"encoder", "volume", "rerun", "startup", "memory"}
     if unknown:
         raise UserInputError(f"--skip: unknown part(s) {', '.join(sorted(unknown))}; use encoder, volume, rerun, startup, memory.")
-    data_dir = Path(os.environ.get("FEWSHOTSAM_DATA", DEFAULT_DATA))
+    data_dir = Path(args.data)
     if args.volume:
         vol_path = Path(args.volume)
         if not args.labels:

@@ -18,16 +18,18 @@ from typing import Sequence
 
 import numpy as np
 
-from .clicks import clicks_to_reach, corrective_click, dice
-from .volume import slice_to_volume_index
+from FewShotSAMLib.clicks import clicks_to_reach, corrective_click, dice
+from FewShotSAMLib.engine import SlicePrompts
+from FewShotSAMLib.volume import slice_to_volume_index
 
 NOC_THRESHOLDS = (85.0, 90.0)
 
 
-def _edit_entry(fg=(), bg=(), box=None) -> dict:
-    """An editable entry of ``segment_from_prompts`` (numpy-order voxel indices)."""
-    return {"fg": np.asarray(fg, float).reshape(-1, 3), "bg": np.asarray(bg, float).reshape(-1, 3),
-            "box": None if box is None else np.asarray(box, float).reshape(-1, 3)}
+def _edit_entry(k: int, fg=(), bg=(), box=None) -> SlicePrompts:
+    """An editable slice of ``segment_from_prompts`` (numpy-order voxel indices): points and box only (a
+    target in pieces keeps its stacked boxes, each point going to the box that holds it)."""
+    return SlicePrompts(int(k), np.asarray(fg, float).reshape(-1, 3), np.asarray(bg, float).reshape(-1, 3),
+                        None if box is None else np.asarray(box, float).reshape(-1, 3))
 
 
 def click_session(session, example: np.ndarray, truth: np.ndarray, generator, rounds: int, axis: int = 0) -> dict:
@@ -37,7 +39,7 @@ def click_session(session, example: np.ndarray, truth: np.ndarray, generator, ro
     mask = np.moveaxis(np.asarray(res.mask, bool), axis, 0).copy()
     ref = np.moveaxis(np.asarray(truth, bool), axis, 0)
     painted = set(int(p) for p in res.painted)
-    entries = {int(k): _edit_entry(sp.fg, sp.bg, sp.box) for k, sp in res.prompts.items() if int(k) not in painted}
+    entries = {int(k): _edit_entry(k, sp.fg, sp.bg, sp.box) for k, sp in res.prompts.items() if int(k) not in painted}
     slices = sorted((set(np.flatnonzero(ref.any((1, 2))).tolist()) | set(np.flatnonzero(mask.any((1, 2))).tolist()))
                     - painted)
     per_slice = {k: [dice(mask[k], ref[k])] for k in slices}
@@ -49,9 +51,12 @@ def click_session(session, example: np.ndarray, truth: np.ndarray, generator, ro
             click = corrective_click(mask[k], ref[k])
             if click is None:
                 continue
-            entry = entries.setdefault(k, _edit_entry())
-            kind = "fg" if click.foreground else "bg"
-            entry[kind] = np.vstack([entry[kind], slice_to_volume_index(axis, k, np.array([click.point], float))])
+            entry = entries.setdefault(k, _edit_entry(k))
+            point = slice_to_volume_index(axis, k, np.array([click.point], float))
+            if click.foreground:
+                entry.fg = np.vstack([entry.fg, point])
+            else:
+                entry.bg = np.vstack([entry.bg, point])
             edited[k] = entry
             clicks_made += 1
         if edited:
@@ -127,7 +132,7 @@ def plot_clicks(results: Sequence[dict], path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .volume import atomic_write
+    from FewShotSAMLib.volume import atomic_write
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for res in results:
@@ -143,9 +148,4 @@ def plot_clicks(results: Sequence[dict], path, title: str) -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
-
-
-def organ_name(names: dict, organ: int) -> str:
-    """The organ's name for reports (``label_N`` for a label the harness does not name)."""
-    return names.get(organ, f"label_{organ}")
 

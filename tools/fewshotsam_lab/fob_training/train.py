@@ -1,4 +1,4 @@
-"""``python -m FewShotSAMLib train``: self-supervised FoB training on supervoxel pseudo-labels.
+"""``python tools/lab.py train-fob``: self-supervised FoB training on supervoxel pseudo-labels.
 
 Embeddings come from the persistent embedding cache (each slice is encoded once, ever); labels are never
 read except to drop slices for Setting II (``--exclude-labels``). The run checkpoints every
@@ -23,12 +23,15 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..errors import UserInputError
-from ..sam.weights import sha256_of
-from ..volume import atomic_write, atomic_write_text
+from FewShotSAMLib.errors import UserInputError
+from FewShotSAMLib.fob.inference import presence_features
+from FewShotSAMLib.fob.model import FoBConfig, FoBNet, count_parameters
+from FewShotSAMLib.sam.weights import sha256_of
+from FewShotSAMLib.volume import atomic_write, atomic_write_text
+
+from ..datasets import fold_volume_ids, list_cases
 from .episodes import Augment, EpisodeSampler, load_volume_episodes
 from .losses import LossWeights, fob_losses, point_error
-from .model import FoBConfig, FoBNet, count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ LOG_FIELDS = ["iteration", "seconds", "total", "rac", "heat", "coor", "fore", "e
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of the ``train`` subcommand."""
+    """Arguments of the ``train-fob`` command."""
     parser.add_argument("--data", required=True, help="folder with image_<id>.nii.gz volumes (labels unused)")
     parser.add_argument("--out", required=True, help="weights file to write, e.g. FewShotSAMLib/fob/weights/fob.pt")
     parser.add_argument("--iterations", type=int, default=3000, help="training iterations (batch 1)")
@@ -67,24 +70,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _volume_list(args) -> list[tuple[int, Path, Optional[Path]]]:
-    data = Path(args.data)
-    if not data.is_dir():
-        raise UserInputError(f"The data folder '{args.data}' does not exist; pass --data with the training volumes.")
-    cases = []
-    for img in data.glob("image_*.nii.gz"):
-        stem = img.name[len("image_"):-len(".nii.gz")]
-        if stem.isdigit():
-            lab = data / f"label_{stem}.nii.gz"
-            cases.append((int(stem), img, lab if lab.exists() else None))
-    cases.sort()
-    if not cases:
-        raise UserInputError(f"The data folder '{args.data}' holds no image_<id>.nii.gz volumes.")
+    """The training volumes (labels only read for --exclude-labels): --data's images, selected by
+    --volumes, without the test volumes of --fold."""
+    cases = list_cases(args.data, labels=False)
     if args.volumes:
         want = {int(v) for v in args.volumes.split(",") if v.strip()}
         cases = [c for c in cases if c[0] in want]
     if args.fold is not None:
-        from ..evaluate import fold_volume_ids
-
         test = set(fold_volume_ids([c[0] for c in cases], args.fold))
         cases = [c for c in cases if c[0] not in test]
     if not cases:
@@ -134,15 +126,6 @@ def plot_losses(rows: list[dict], path: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 # Calibration on pseudo-label episodes (no annotations)
 # ------------------------------------------------------------------------------------------------
-def presence_features(corr: torch.Tensor, heatmaps: torch.Tensor, support_area_cells: float) -> np.ndarray:
-    """Features of one query for the presence score: max C, log area ratio of C > 0.5 to the support's
-    area (both on the feature grid), mean per-channel heatmap peak."""
-    c = corr.reshape(-1)
-    area = float((c > 0.5).float().sum())
-    peak = float(heatmaps.reshape(heatmaps.shape[0], -1).max(-1).values.mean())
-    return np.array([float(c.max()), np.log((area + 1.0) / (support_area_cells + 1.0)), peak], np.float64)
-
-
 @torch.no_grad()
 def calibrate(model: FoBNet, sampler: EpisodeSampler, n: int) -> dict:
     """Box margin (ring box -> mask box) and the presence logistic model, from pseudo-label episodes."""
@@ -200,8 +183,8 @@ def run(args: argparse.Namespace) -> int:
     log_path = out.with_name(out.stem + ".log.csv")
     png_path = out.with_name(out.stem + ".loss.png")
 
-    from ..sam import load_backend
-    from ..sam.cache import EmbeddingCache
+    from FewShotSAMLib.sam import load_backend
+    from FewShotSAMLib.sam.cache import EmbeddingCache
 
     backend = load_backend(args.sam, "cpu")
     cache = EmbeddingCache(backend, cap_bytes=768 << 20, persist_dir=args.cache_dir)
@@ -327,14 +310,3 @@ def _write_log(rows: list[dict], path: Path) -> None:
         for r in rows:
             w.writerow(r)
 
-
-def main(argv: Optional[list[str]] = None) -> int:  # pragma: no cover - convenience entry point
-    """Standalone entry point: ``python -m FewShotSAMLib.fob.train``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""``python -m FewShotSAMLib demo``: the main job, offline, on a real MRI that an installed package ships.
+"""``python tools/lab.py demo``: the main job, offline, on a real MRI that an installed package ships.
 
 The volume is the MNI ICBM152 2009a T1 template bundled with the nilearn wheel, resampled to 2 mm; the
 target is the brain as a clinician would outline it: grey + white matter probability >= 50 % (the
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserInputError
+from FewShotSAMLib.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def load_demo_volume(spacing_mm: float = 2.0):
     """(image Volume, reference brain mask) resampled to ``spacing_mm`` isotropic."""
     import SimpleITK as sitk
 
-    from .volume import _from_sitk
+    from FewShotSAMLib.volume import _from_sitk
 
     folder = nilearn_data_dir()
     images = [sitk.ReadImage(str(folder / name), sitk.sitkFloat32) for name in (TEMPLATE, GREY, WHITE)]
@@ -70,11 +70,11 @@ def run(args: argparse.Namespace) -> int:
     """Segment the template's brain from one painted slice, write outputs, print Dice."""
     from tqdm import tqdm
 
-    from .engine import VolumeSession
-    from .overlay import render_overlay, write_overlay
-    from .prompt_file import prompts_to_json, write_prompts
-    from .prompts import DEFAULT_GENERATOR
-    from .volume import painted_slices, write_label
+    from FewShotSAMLib.engine import VolumeSession
+    from FewShotSAMLib.overlay import render_overlay, write_overlay
+    from FewShotSAMLib.prompt_file import prompts_to_json, write_prompts
+    from FewShotSAMLib.prompts import DEFAULT_GENERATOR
+    from FewShotSAMLib.volume import painted_slices, write_label
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     example[mid] = reference[mid]
     import SimpleITK as sitk
 
-    from .volume import atomic_write, to_sitk
+    from FewShotSAMLib.volume import atomic_write, to_sitk
 
     atomic_write(out / "image.nii.gz", lambda tmp: sitk.WriteImage(to_sitk(image), tmp, True))
     write_label(image, example.astype(np.uint8), out / "example.nii.gz")

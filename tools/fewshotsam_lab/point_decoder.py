@@ -22,8 +22,8 @@ Masks to learn from, none of them a label that a reported figure is measured on:
 
 Run from the repository root (resumable: a checkpoint every ``--save-every`` steps in ``--work``):
 
-    python tools/train_point_decoder.py --minutes 70
-    python tools/train_point_decoder.py --export      # writes the shipped weights and their metadata
+    python tools/lab.py train-point-decoder --minutes 70
+    python tools/lab.py train-point-decoder --export      # writes the shipped weights and their metadata
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ import logging
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,12 +46,13 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from FewShotSAMLib.clicks import corrective_click, interior_point
 
-from FewShotSAMLib.clicks import corrective_click, interior_point  # noqa: E402
-from FewShotSAMLib.sam.litemedsam import previous_answer_logits  # noqa: E402
+from FewShotSAMLib.sam.litemedsam import previous_answer_logits
+
+from . import datasets
+
+ROOT = datasets.REPO_ROOT
 
 log = logging.getLogger("train_point_decoder")
 
@@ -113,7 +113,7 @@ def load_chaos(data: Path, backend, cache, scales: Sequence[float] = (150.0, 500
     from FewShotSAMLib.volume import choose_intensity, read_volume
 
     out = []
-    images = sorted(data.glob("image_*.nii.gz"), key=lambda p: int(p.name.split("_")[1].split(".")[0]))
+    images = [img for _, img, _ in datasets.list_cases(data, labels=False)]
     for img in images:
         vol = read_volume(img)
         pv = PreparedVolume(vol.array, vol.spacing, 0, choose_intensity(vol.array, vol.metadata), backend.input_size)
@@ -451,14 +451,14 @@ def load_data(args) -> list[SliceTargets]:
     if args.chaos:
         data += load_chaos(Path(args.chaos), backend, cache)
     if args.totalseg:
-        ts = Path(args.totalseg)
-        data += load_totalseg(ts / "example_ct_sm.nii.gz", ts / "example_seg.nii.gz", backend, cache)
+        data += load_totalseg(*datasets.totalseg_ct(Path(args.totalseg)), backend, cache)
     if not data:
         raise SystemExit("no training data: pass --chaos and/or --totalseg folders that exist")
     return data
 
 
-def run(args) -> int:
+def train(args) -> int:
+    """Train (or resume) from the work folder's checkpoint until ``--steps`` or ``--minutes``."""
     from FewShotSAMLib.sam.litemedsam import build_litemedsam_model
     from FewShotSAMLib.sam.weights import embedded_litemedsam_path, load_state_dict
 
@@ -544,7 +544,7 @@ def export(args) -> int:
     if a.get("chaos") and Path(a["chaos"]).is_dir():
         files += [f"{rel(a['chaos'])}/{p.name} (image only)" for p in sorted(Path(a["chaos"]).glob("image_*.nii.gz"))]
     if a.get("totalseg"):
-        files += [f"{rel(a['totalseg'])}/example_ct_sm.nii.gz", f"{rel(a['totalseg'])}/example_seg.nii.gz"]
+        files += [f"{rel(a['totalseg'])}/{datasets.TOTALSEG_CT}", f"{rel(a['totalseg'])}/{datasets.TOTALSEG_LABELS}"]
     meta = {
         "what": "LiteMedSAM prompt encoder point vectors + mask decoder fine-tuned to follow points "
                 "(image encoder: the embedded LiteMedSAM's, unchanged)",
@@ -556,7 +556,7 @@ def export(args) -> int:
                  "files": files},
         "modes": dict(zip(MODES, MODE_WEIGHTS)),
         "previous_answer": {"share": PREVIOUS_SHARE, "logit": float(previous_answer_logits(np.ones((1, 1), bool))[0, 0])},
-        "command": "python tools/train_point_decoder.py " + " ".join(
+        "command": "python tools/lab.py train-point-decoder " + " ".join(
             f"--{k} {rel(v) if k in ('chaos', 'totalseg', 'init') else v}" for k, v in a.items()
             if k in ("steps", "batch", "lr", "seed", "chaos", "totalseg", "init") and v is not None),
         "final_loss_mean_last_200": round(float(np.mean([r["loss"] for r in rows[-200:]])), 4),
@@ -567,10 +567,10 @@ def export(args) -> int:
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--chaos", default=str(ROOT.parent / "shared/data/chaos_t2"), help="CHAOS images (labels unused)")
-    p.add_argument("--totalseg", default=str(ROOT.parent / "shared/data/totalseg_ct"), help="TotalSegmentator example folder")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of the ``train-point-decoder`` command."""
+    p.add_argument("--chaos", default=str(datasets.chaos_dir()), help="CHAOS images (labels unused)")
+    p.add_argument("--totalseg", default=str(datasets.totalseg_dir()), help="TotalSegmentator example folder")
     p.add_argument("--embeddings", default=str(ROOT / ".cache/embeddings"), help="persistent embedding cache")
     p.add_argument("--work", default=str(ROOT / ".cache/point_decoder"), help="checkpoints and logs (resumable)")
     p.add_argument("--output", default=str(ROOT / "FewShotSAMLib/sam/checkpoints/litemedsam_points.pt"))
@@ -584,10 +584,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--init", default=None, help="start from these decoder weights (e.g. shipped ones)")
     p.add_argument("--export", action="store_true", help="write the shipped weights from the checkpoint")
     p.add_argument("--quiet", action="store_true")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    return export(args) if args.export else run(args)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def run(args: argparse.Namespace) -> int:
+    """Train, or with ``--export`` write the shipped weights."""
+    return export(args) if args.export else train(args)
