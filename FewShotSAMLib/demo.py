@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         window, target = None, "brain"
         zs = painted_slices(reference, axial)
         painted = int(zs[len(zs) // 2])  # the middle slice, as this case has always been run
-        what = f"MNI152 T1 template from nilearn ({args.spacing:g} mm)"
+        what = f"MNI152 T1 template from nilearn at {args.spacing:g} mm"
     else:
         image, reference = load_sample(LIVER_CT)
         window, target = LIVER_CT.window, LIVER_CT.target
