@@ -94,7 +94,7 @@ def library_default_variant() -> str:
     has native bfloat16, else in float32; PyTorch with BN folding when openvino is not installed."""
     import torch
 
-    from .sam.base import openvino_available, resolve_precision
+    from .sam.device import openvino_available, resolve_precision
 
     if not openvino_available():
         return "fp32-fused-b4"
@@ -373,7 +373,7 @@ def bench_rerun(session, repeats: int = 20) -> dict:
     # The same re-run with each decoder runtime the machine has, interleaved (OpenVINO in bfloat16 beside a
     # reduced-precision encoder on a CPU with bfloat16, else ONNX Runtime, is the CPU default; PyTorch is
     # the fallback).
-    from .sam.base import onnxruntime_available, openvino_available
+    from .sam.device import onnxruntime_available, openvino_available
 
     backend = session.backend
     runtime = backend.decoder_runtime
@@ -404,7 +404,7 @@ def bench_rerun(session, repeats: int = 20) -> dict:
 _STARTUP_CHILD = r"""
 import json, os, sys, time
 t_parent = float(sys.argv[1])
-from FewShotSAMLib.sam import base
+from FewShotSAMLib.sam import backend
 def first_encode(self, frames):
     c = os.times()
     sys.stderr.write("BENCH_STARTUP " + json.dumps({"wall_s": time.time() - t_parent,
@@ -412,7 +412,7 @@ def first_encode(self, frames):
                      "timm": "timm" in sys.modules, "torchvision": "torchvision" in sys.modules}) + "\n")
     sys.stderr.flush()
     os._exit(0)
-base.SamBackend._run_encoder = first_encode
+backend.SamBackend._run_encoder = first_encode
 from FewShotSAMLib.cli import main
 sys.exit(main(sys.argv[2:]))
 """
@@ -564,7 +564,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark parts, print a summary and optionally write JSON. Returns the exit code."""
     import torch
 
-    from .sam.base import cpu_has_fast_bf16, onnxruntime_available, openvino_available, resolve_device
+    from .options import RuntimeOptions
+    from .sam.device import cpu_has_fast_bf16, onnxruntime_available, openvino_available, resolve_device
     from .slices import PreparedVolume
     from .volume import choose_intensity, read_volume
 
@@ -574,7 +575,7 @@ def run(args: argparse.Namespace) -> int:
     unknown = skip - {"encoder", "volume", "rerun", "startup", "memory"}
     if unknown:
         raise UserInputError(f"--skip: unknown part(s) {', '.join(sorted(unknown))}; use encoder, volume, rerun, startup, memory.")
-    data_dir = Path(os.environ.get("FEWSHOTSAM_DATA", DEFAULT_DATA))
+    data_dir = RuntimeOptions.from_environment().data_dir or Path(DEFAULT_DATA)
     if args.volume:
         vol_path = Path(args.volume)
         if not args.labels:

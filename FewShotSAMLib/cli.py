@@ -2,6 +2,8 @@
 
 Subcommands: segment (the main job), evaluate, train, bench, demo. Each non-``segment`` subcommand lives
 in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``, imported only when used.
+The FEWSHOTSAM_* environment variables are read here, once (``RuntimeOptions.from_environment``), and the
+options passed down to the backend, the cache and the session.
 """
 
 from __future__ import annotations
@@ -99,9 +101,11 @@ def run_segment(args: argparse.Namespace) -> int:
 
     _return_freed_memory_to_the_system()
 
+    from .options import RuntimeOptions
     from .volume import check_output_path, label_on_image_grid, read_volume, select_example, write_label
 
     t0 = time.perf_counter()
+    options = RuntimeOptions.from_environment()  # the FEWSHOTSAM_* variables: read here, passed down
     check_output_path(args.output, "output")
     for path, what in ((args.prompts_out, "prompts output"), (args.overlay_out, "overlay output")):
         if path:
@@ -122,13 +126,14 @@ def run_segment(args: argparse.Namespace) -> int:
     log.info("intensities: %s", intensity.describe())
     from .sam import load_backend
 
-    backend = load_backend(args.sam, args.device, args.sam_checkpoint)
+    backend = load_backend(args.sam, args.device, args.sam_checkpoint, options=options)
     cache = None
     if args.cache_dir:
         from .sam.cache import EmbeddingCache
 
-        cache = EmbeddingCache(backend, persist_dir=args.cache_dir)
-    session = VolumeSession(image.array, image.spacing, sam=backend, intensity=intensity, cache=cache)
+        cache = EmbeddingCache(backend, persist_dir=args.cache_dir, options=options)
+    session = VolumeSession(image.array, image.spacing, sam=backend, intensity=intensity, cache=cache,
+                            options=options)
     log.info("SAM %s on %s", session.backend.name, session.backend.device)
 
     from tqdm import tqdm

@@ -18,7 +18,8 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 
 from .errors import CancelledError, UserInputError
-from .prompts import DEFAULT_GENERATOR, Prompts, QueryContext, Support, make_generator
+from .prompt_types import Prompts, QueryContext, SlicePrompts, Support
+from .prompts import DEFAULT_GENERATOR, make_generator
 from .prompts.base import PromptGenerator
 from .sam.names import DEFAULT_SAM
 from .threads import single_threaded_blas
@@ -44,28 +45,6 @@ class ExtentRules:
     min_score: float = 0.3
     min_evidence: float = 0.0  # cos(mask features, target prototype) - cos(mask features, ring prototype)
     ring: tuple[int, int] = (3, 12)  # inner/outer dilation (model-frame pixels at 256) of the support ring
-
-
-@dataclass
-class SlicePrompts:
-    """Prompts fed to SAM on one slice, in the volume's numpy-order voxel indices (a0, a1, a2).
-
-    A target in several pieces is prompted piece by piece: ``pieces`` then holds one SlicePrompts per
-    piece, and ``fg``/``bg`` are all the pieces' points together, ``box`` their boxes stacked (two corners
-    per piece, (2k, 3)). ``hole_bg`` are the background points placed inside holes of the target (also
-    in ``bg``, so everything that draws ``bg`` shows them).
-    """
-
-    slice_index: int
-    fg: np.ndarray  # (N, 3)
-    bg: np.ndarray  # (M, 3)
-    box: Optional[np.ndarray]  # (2, 3) corners (2k, 3 for k pieces), or None
-    score: float
-    presence: float
-    support_index: int
-    model: Prompts  # the same prompts in the model frame (what the backend saw; the first piece's)
-    pieces: list["SlicePrompts"] = field(default_factory=list)  # per piece, when there are several
-    hole_bg: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))  # (K, 3), part of bg
 
 
 @dataclass
@@ -197,11 +176,13 @@ class VolumeSession:
 
     ``image`` is the raw 3D array (numpy order), ``spacing`` its voxel size in the same order.
     ``intensity`` defaults to a CT window for Hounsfield data and robust percentiles otherwise.
+    ``options`` (a ``RuntimeOptions``; None: the FEWSHOTSAM_* environment) build the backend named by
+    ``sam`` and the embedding cache when they are not given.
     """
 
     def __init__(self, image: np.ndarray, spacing: Sequence[float], *, sam=DEFAULT_SAM, device: str = "auto",
                  intensity: Optional[Intensity] = None, metadata: Optional[dict] = None,
-                 cache=None, cache_cap_bytes: Optional[int] = None) -> None:
+                 cache=None, cache_cap_bytes: Optional[int] = None, options=None) -> None:
         if image.ndim != 3:
             raise UserInputError(f"The image must be a 3D volume; it has {image.ndim} dimension(s).")
         if min(image.shape) < 1:
@@ -211,9 +192,9 @@ class VolumeSession:
 
         self.image = image
         self.spacing = np.asarray(spacing, dtype=float)
-        self.backend = sam if isinstance(sam, SamBackend) else load_backend(sam, device)
+        self.backend = sam if isinstance(sam, SamBackend) else load_backend(sam, device, options=options)
         self.intensity = intensity or choose_intensity(image, metadata)
-        self.cache = cache or EmbeddingCache(self.backend, cache_cap_bytes)
+        self.cache = cache or EmbeddingCache(self.backend, cache_cap_bytes, options=options)
         self._prepared: dict[int, PreparedVolume] = {}
 
     def prepared(self, axis: int) -> PreparedVolume:

@@ -11,7 +11,8 @@ import importlib.util
 from typing import Optional
 
 from ..errors import UserInputError
-from .base import PromptGenerator, Prompts, QueryContext, Support
+from ..prompt_types import Prompts, QueryContext, Support
+from .base import PromptGenerator
 
 # name -> (module, class). The default generator is the first one.
 GENERATORS: dict[str, tuple[str, str]] = {

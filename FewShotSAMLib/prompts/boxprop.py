@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Prompts, QueryContext, Support
+from ..prompt_types import Prompts, QueryContext, Support
 
 
 def mask_box(mask: np.ndarray, margin: float = 0.0, shape: tuple[int, int] | None = None) -> np.ndarray | None:

@@ -16,8 +16,8 @@ from typing import Optional
 
 import numpy as np
 
+from ..prompt_types import Prompts, QueryContext, Support
 from . import features as F
-from .base import Prompts, QueryContext, Support
 from .boxprop import mask_box
 
 

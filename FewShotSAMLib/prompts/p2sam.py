@@ -23,8 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..prompt_types import Prompts, QueryContext, Support
 from . import features as F
-from .base import Prompts, QueryContext, Support
 from .boxprop import mask_box
 from .persam import refine_with_mask_input
 

