@@ -19,7 +19,6 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from FewShotSAMHelpers import dependencies
 from FewShotSAMHelpers.geometry import index_to_ras
 from FewShotSAMHelpers.logic import PANEL_GENERATORS, PANEL_SAM_MODELS, SegmentFromExampleLogic, default_generator
 from FewShotSAMHelpers.markups import start_placing
@@ -415,7 +414,7 @@ class FewShotSAMLogic(ScriptedLoadableModuleLogic, SegmentFromExampleLogic):
         # Downloaded weights go to Slicer's cache folder, never into the extension's folder.
         cache = getattr(getattr(slicer, "app", None), "cachePath", None)
         if cache:
-            dependencies.set_cache_folder(os.path.join(cache, "FewShotSAM"))
+            self.weights_folder = os.path.join(cache, "FewShotSAM")
 
     def getParameterNode(self):
         return FewShotSAMParameterNode(super().getParameterNode())

@@ -3,6 +3,8 @@
 One subcommand: ``segment`` (the main job). The research commands that it once had (evaluate, bench,
 train, demo) are the lab's, in a source checkout: ``python tools/lab.py COMMAND``; naming one here
 says so in one sentence.
+The FEWSHOTSAM_* environment variables are read here, once (``RuntimeOptions.from_environment``), and the
+options passed down to the backend, the cache and the session.
 """
 
 from __future__ import annotations
@@ -97,9 +99,11 @@ def run_segment(args: argparse.Namespace) -> int:
 
     _return_freed_memory_to_the_system()
 
+    from .options import RuntimeOptions
     from .volume import check_output_path, label_on_image_grid, read_volume, select_example, write_label
 
     t0 = time.perf_counter()
+    options = RuntimeOptions.from_environment()  # the FEWSHOTSAM_* variables: read here, passed down
     check_output_path(args.output, "output")
     for path, what in ((args.prompts_out, "prompts output"), (args.overlay_out, "overlay output")):
         if path:
@@ -125,13 +129,14 @@ def run_segment(args: argparse.Namespace) -> int:
     log.info("intensities: %s", intensity.describe())
     from .sam import load_backend
 
-    backend = load_backend(args.sam, args.device, args.sam_checkpoint)
+    backend = load_backend(args.sam, args.device, args.sam_checkpoint, options=options)
     cache = None
     if args.cache_dir:
         from .sam.cache import EmbeddingCache
 
-        cache = EmbeddingCache(backend, persist_dir=args.cache_dir)
-    session = VolumeSession(image.array, image.spacing, sam=backend, intensity=intensity, cache=cache)
+        cache = EmbeddingCache(backend, persist_dir=args.cache_dir, options=options)
+    session = VolumeSession(image.array, image.spacing, sam=backend, intensity=intensity, cache=cache,
+                            options=options)
     log.info("SAM %s on %s", session.backend.name, session.backend.device)
 
     from tqdm import tqdm

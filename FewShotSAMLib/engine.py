@@ -26,7 +26,8 @@ import numpy as np
 
 from .errors import CancelledError, UserInputError
 from .extent import Extent, ExtentRules, TargetEvidence, accept_slice, resolve_extent
-from .prompts import DEFAULT_GENERATOR, Prompts, QueryContext, Support, make_generator
+from .prompt_types import Prompts, QueryContext, SlicePrompts, Support
+from .prompts import DEFAULT_GENERATOR, make_generator
 from .prompts.base import PromptGenerator
 from .sam.names import DEFAULT_SAM
 from .threads import single_threaded_blas
@@ -39,43 +40,6 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 __all__ = ["Extent", "ExtentRules", "FollowedPiece", "PieceAnswer", "Run", "SegmentationResult", "SlicePrompts",
            "TargetEvidence", "VolumeSession", "keep_connected_to", "plan_runs", "segment_volume", "split_by_boxes"]
-
-
-@dataclass
-class SlicePrompts:
-    """Prompts fed to SAM on one slice, in the volume's numpy-order voxel indices (a0, a1, a2).
-
-    A target in several pieces is prompted piece by piece: ``pieces`` then holds one SlicePrompts per
-    piece, and ``fg``/``bg`` are all the pieces' points together, ``box`` their boxes stacked (two corners
-    per piece, (2k, 3)). ``hole_bg`` are the background points placed inside holes of the target (also
-    in ``bg``, so everything that draws ``bg`` shows them).
-
-    The engine's answers fill every field; an edit given to ``VolumeSession.segment_from_prompts`` needs
-    only ``slice_index``, ``fg``, ``bg`` and ``box`` (and ``pieces`` / ``hole_bg`` for a target in pieces).
-    """
-
-    slice_index: int
-    fg: np.ndarray  # (N, 3)
-    bg: np.ndarray  # (M, 3)
-    box: Optional[np.ndarray]  # (2, 3) corners (2k, 3 for k pieces), or None
-    score: float = 0.0
-    presence: float = 1.0
-    support_index: int = -1
-    model: Optional[Prompts] = None  # the same prompts in the model frame (what the backend saw; the first piece's)
-    pieces: list["SlicePrompts"] = field(default_factory=list)  # per piece, when there are several
-    hole_bg: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))  # (K, 3), part of bg
-
-    @classmethod
-    def from_dict(cls, slice_index: int, entry: Mapping) -> "SlicePrompts":
-        """An edit given as ``{'fg', 'bg', 'box', 'hole_bg', 'pieces'}`` (numpy-order voxel indices; 'box',
-        'hole_bg' and 'pieces', a list of such dicts, are optional)."""
-        def voxels(v) -> np.ndarray:
-            return np.asarray(v, dtype=float).reshape(-1, 3)
-
-        box, hole = entry.get("box"), entry.get("hole_bg")
-        return cls(int(slice_index), voxels(entry["fg"]), voxels(entry["bg"]), None if box is None else voxels(box),
-                   pieces=[cls.from_dict(slice_index, p) for p in entry.get("pieces") or []],
-                   hole_bg=np.zeros((0, 3)) if hole is None else voxels(hole))
 
 
 @dataclass
@@ -225,11 +189,13 @@ class VolumeSession:
 
     ``image`` is the raw 3D array (numpy order), ``spacing`` its voxel size in the same order.
     ``intensity`` defaults to a CT window for Hounsfield data and robust percentiles otherwise.
+    ``options`` (a ``RuntimeOptions``; None: the FEWSHOTSAM_* environment) build the backend named by
+    ``sam`` and the embedding cache when they are not given.
     """
 
     def __init__(self, image: np.ndarray, spacing: Sequence[float], *, sam=DEFAULT_SAM, device: str = "auto",
                  intensity: Optional[Intensity] = None, metadata: Optional[dict] = None,
-                 cache=None, cache_cap_bytes: Optional[int] = None) -> None:
+                 cache=None, cache_cap_bytes: Optional[int] = None, options=None) -> None:
         if image.ndim != 3:
             raise UserInputError(f"The image must be a 3D volume; it has {image.ndim} dimension(s).")
         if min(image.shape) < 1:
@@ -239,9 +205,9 @@ class VolumeSession:
 
         self.image = image
         self.spacing = np.asarray(spacing, dtype=float)
-        self.backend = sam if isinstance(sam, SamBackend) else load_backend(sam, device)
+        self.backend = sam if isinstance(sam, SamBackend) else load_backend(sam, device, options=options)
         self.intensity = intensity or choose_intensity(image, metadata)
-        self.cache = cache or EmbeddingCache(self.backend, cache_cap_bytes)
+        self.cache = cache or EmbeddingCache(self.backend, cache_cap_bytes, options=options)
         self._prepared: dict[int, PreparedVolume] = {}
 
     def prepared(self, axis: int) -> PreparedVolume:

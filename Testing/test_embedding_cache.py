@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from FewShotSAMLib.prompts.base import Prompts
-from FewShotSAMLib.sam.base import SamBackend
+from FewShotSAMLib.sam.backend import SamBackend
 from FewShotSAMLib.sam.cache import EmbeddingCache, key_digest
 from FewShotSAMLib.slices import PreparedVolume
 from FewShotSAMLib.volume import Intensity
@@ -173,18 +173,21 @@ def test_memory_cap_spills_to_disk_and_reads_back_bit_identical():
     cache.close()
 
 
-def test_cap_from_the_environment(monkeypatch):
+def test_cap_from_the_options_and_the_environment(monkeypatch):
     from FewShotSAMLib.errors import UserInputError
-    from FewShotSAMLib.sam.cache import CAP_ENV, DEFAULT_CAP_BYTES
+    from FewShotSAMLib.options import DEFAULT_CAP_BYTES, RuntimeOptions
 
-    monkeypatch.delenv(CAP_ENV, raising=False)
+    cap_env = "FEWSHOTSAM_CACHE_CAP_MB"
+    monkeypatch.delenv(cap_env, raising=False)
     assert EmbeddingCache(TinyBackend()).cap_bytes == DEFAULT_CAP_BYTES == 512 << 20
-    monkeypatch.setenv(CAP_ENV, "64")
-    assert EmbeddingCache(TinyBackend()).cap_bytes == 64 << 20
+    assert EmbeddingCache(TinyBackend(), options=RuntimeOptions(embedding_cap_bytes=3 << 20)).cap_bytes == 3 << 20
+    monkeypatch.setenv(cap_env, "64")
+    assert EmbeddingCache(TinyBackend()).cap_bytes == 64 << 20  # no options given: the environment's
     assert EmbeddingCache(TinyBackend(), cap_bytes=1000).cap_bytes == 1000  # an explicit cap wins
+    assert EmbeddingCache(TinyBackend(), options=RuntimeOptions()).cap_bytes == DEFAULT_CAP_BYTES  # given options win
     for bad in ("lots", "-5", "0"):
-        monkeypatch.setenv(CAP_ENV, bad)
-        with pytest.raises(UserInputError, match=CAP_ENV):
+        monkeypatch.setenv(cap_env, bad)
+        with pytest.raises(UserInputError, match=cap_env):
             EmbeddingCache(TinyBackend())
 
 

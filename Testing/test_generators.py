@@ -11,7 +11,7 @@ import torch
 from FewShotSAMLib.prompts import make_generator
 from FewShotSAMLib.prompts import features as F
 from FewShotSAMLib.prompts.base import Prompts, QueryContext, Support
-from FewShotSAMLib.sam.base import DecodeResult
+from FewShotSAMLib.sam.backend import DecodeResult
 
 S, G, C = 64, 16, 8  # model frame, embedding grid, channels (4 model pixels per grid cell)
 

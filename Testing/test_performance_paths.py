@@ -20,7 +20,10 @@ import torch
 from conftest import ROOT
 from FewShotSAMLib.errors import UserInputError
 from FewShotSAMLib.prompts.base import Prompts
-from FewShotSAMLib.sam.base import SamBackend, cpu_has_fast_bf16, fuse_conv_bn, resolve_precision
+from FewShotSAMLib.options import RuntimeOptions
+from FewShotSAMLib.sam.backend import SamBackend
+from FewShotSAMLib.sam.device import cpu_has_fast_bf16, resolve_precision
+from FewShotSAMLib.sam.encoder_parts import fuse_conv_bn
 from FewShotSAMLib.sam.cache import EmbeddingCache
 from FewShotSAMLib.slices import PreparedVolume
 from FewShotSAMLib.volume import Intensity
@@ -203,6 +206,8 @@ def test_onnxruntime_encoder_matches_plain(tmp_path, monkeypatch):
     assert ort.encode_to_host(frames[:2]).dtype == np.float16
     TinySamBackend(precision="fp32", runtime="onnxruntime")  # a second backend reuses the file
     assert len(list(tmp_path.glob("*.onnx"))) == 1
+    TinySamBackend(precision="fp32", runtime="onnxruntime", options=RuntimeOptions(onnx_dir=tmp_path / "given"))
+    assert len(list((tmp_path / "given").glob("*.onnx"))) == 1  # the options' folder, not the variable's
     with pytest.raises(UserInputError, match="fp32"):
         TinySamBackend(precision="bf16", runtime="onnxruntime")
 
@@ -271,7 +276,7 @@ def test_mixed_precision_keeps_the_stem_in_float32(tinyvit_frames, plain_embeddi
     """Precision 'mixed': stem then rest is the whole encoder; PyTorch runs the stem in float32 and the
     rest under bfloat16 autocast; OpenVINO compiles the two parts (float32, bfloat16); both keep their
     embeddings in their own folder; ONNX Runtime (float32 only) refuses it."""
-    from FewShotSAMLib.sam.base import split_encoder
+    from FewShotSAMLib.sam.encoder_parts import split_encoder
 
     monkeypatch.setenv("FEWSHOTSAM_ONNX_DIR", str(tmp_path))
     plain, ref = plain_embeddings
@@ -309,7 +314,7 @@ def test_split_encoder_of_a_vit_and_of_other_encoders():
     encoder of another structure gets a clear error."""
     from segment_anything.modeling import ImageEncoderViT
 
-    from FewShotSAMLib.sam.base import split_encoder
+    from FewShotSAMLib.sam.encoder_parts import split_encoder
 
     torch.manual_seed(3)
     vit = ImageEncoderViT(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2, out_chans=16,
@@ -327,27 +332,28 @@ def test_split_encoder_of_a_vit_and_of_other_encoders():
 def test_auto_precision_picks_mixed_for_openvino_and_falls_back_to_fp32_without_it(monkeypatch):
     """Precision unset on a CPU with bfloat16: 'mixed' when OpenVINO takes the encoder; when OpenVINO fails
     to, PyTorch runs it in float32 (mixed is no faster there), unless 'mixed' was asked for by name."""
-    import FewShotSAMLib.sam.base as base
+    import FewShotSAMLib.sam.device as machine
+    import FewShotSAMLib.sam.runtime_choice as choice
 
     class AutoExport(TinyVitBackend):
         auto_export_encoder = True
 
     monkeypatch.delenv("FEWSHOTSAM_PRECISION", raising=False)
     monkeypatch.delenv("FEWSHOTSAM_RUNTIME", raising=False)
-    monkeypatch.setattr(base, "cpu_has_fast_bf16", lambda: True)
-    monkeypatch.setattr(base, "openvino_available", lambda: True)
+    monkeypatch.setattr(machine, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(machine, "openvino_available", lambda: True)
 
     class Failing:
         def __init__(self, *args, **kwargs) -> None:
             raise RuntimeError("no OpenVINO here")
 
-    monkeypatch.setattr(base, "OpenVinoEncoder", Failing)
+    monkeypatch.setitem(choice.ENCODER_RUNNERS, "openvino", Failing)
     fallback = AutoExport()
     assert fallback.runtime == "torch" and fallback.precision == "fp32" and fallback.autocast_dtype is None
     asked = AutoExport(precision="mixed")
     assert asked.runtime == "torch" and asked.precision == "mixed"
     assert TinyVitBackend().precision == "fp32"  # a family that OpenVINO does not take by default
-    monkeypatch.setattr(base, "OpenVinoEncoder", lambda *args, **kwargs: object())
+    monkeypatch.setitem(choice.ENCODER_RUNNERS, "openvino", lambda *args, **kwargs: object())
     assert AutoExport().precision == "mixed" and AutoExport().runtime == "openvino"
 
 
@@ -456,16 +462,20 @@ def test_auto_decoder_runtime_and_its_fallbacks(monkeypatch):
     explicitly asked OpenVINO decoder reports the error."""
     pytest.importorskip("openvino")
     pytest.importorskip("onnxruntime")
-    import FewShotSAMLib.sam.base as base
+    import FewShotSAMLib.sam.device as machine
+    import FewShotSAMLib.sam.runtime_choice as choice
 
     monkeypatch.delenv("FEWSHOTSAM_DECODER_RUNTIME", raising=False)
-    monkeypatch.setattr(base, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(machine, "cpu_has_fast_bf16", lambda: True)
     assert TinyVitBackend(precision="mixed").decoder_runtime == "openvino"
     assert TinyVitBackend(precision="bf16").decoder_precision == "bf16"
     assert TinyVitBackend(precision="fp32").decoder_runtime == "onnxruntime"
     asked = TinyVitBackend(precision="fp32", decoder_runtime="openvino")
     assert (asked.decoder_runtime, asked.decoder_precision) == ("openvino", "fp32")
-    monkeypatch.setattr(base, "cpu_has_fast_bf16", lambda: False)
+    one = TinyVitBackend(precision="fp32", decoder_runtime="onnxruntime", options=RuntimeOptions(decoder_threads=1))
+    one.decode(torch.zeros(256, 64, 64), Prompts(box=[60.0, 60.0, 180.0, 180.0]))
+    assert one._exported_decoders["onnxruntime-fp32"].threads() == 1  # the options' thread count
+    monkeypatch.setattr(machine, "cpu_has_fast_bf16", lambda: False)
     assert TinyVitBackend(precision="mixed").decoder_runtime == "onnxruntime"
     with pytest.raises(UserInputError, match="runs on CPU"):  # any device but the CPU (no GPU here)
         TinySamBackend(device=torch.device("meta"), precision="fp32", decoder_runtime="openvino")
@@ -474,8 +484,8 @@ def test_auto_decoder_runtime_and_its_fallbacks(monkeypatch):
         def __init__(self, *args, **kwargs) -> None:
             raise RuntimeError("no OpenVINO here")
 
-    monkeypatch.setattr(base, "cpu_has_fast_bf16", lambda: True)
-    monkeypatch.setattr(base, "OpenVinoDecoder", Failing)
+    monkeypatch.setattr(machine, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setitem(choice.DECODER_RUNNERS, "openvino", Failing)
     emb = torch.randn(256, 64, 64, generator=torch.Generator().manual_seed(5))
     auto = TinyVitBackend(precision="mixed")
     res = auto.decode(emb, Prompts(box=[60.0, 60.0, 180.0, 180.0]))
@@ -519,13 +529,18 @@ def test_precision_resolution(monkeypatch):
     fast = "mixed" if cpu_has_fast_bf16() else "fp32"
     assert resolve_precision("auto", cpu, mixed_is_fast=True) == fast  # OpenVINO runs it
     assert resolve_precision(None, cpu, mixed_is_fast=True) == fast
+    assert resolve_precision("bf16", cpu) == "bf16"
     monkeypatch.setenv("FEWSHOTSAM_PRECISION", "bf16")
-    assert resolve_precision(None, cpu) == "bf16"
-    assert resolve_precision("fp32", cpu) == "fp32"  # an explicit choice wins over the variable
+    assert resolve_precision(None, cpu) == "fp32"  # the environment is read at the edges, not here
+    assert TinySamBackend().precision == "bf16"  # no options given: the environment's
+    assert TinySamBackend(precision="fp32").precision == "fp32"  # an explicit choice wins over the variable
+    assert TinySamBackend(options=RuntimeOptions(precision="bf16")).precision == "bf16"
+    assert TinySamBackend(options=RuntimeOptions()).precision == "fp32"  # given options win over the variable
     with pytest.raises(UserInputError, match="CUDA"):
         resolve_precision("fp16", cpu)
     monkeypatch.setenv("FEWSHOTSAM_CHANNELS_LAST", "1")
     assert TinySamBackend().channels_last and not TinySamBackend(channels_last=False).channels_last
+    assert TinySamBackend(options=RuntimeOptions(channels_last=True, precision="fp32")).channels_last
     with pytest.raises(UserInputError, match="precision"):
         resolve_precision("int8", cpu)
 

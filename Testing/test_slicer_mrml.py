@@ -578,6 +578,21 @@ def test_missing_weights_offline_is_a_user_error(run, monkeypatch, tmp_path):
                                         device="cpu")
 
 
+def test_runtime_options_take_slicers_weights_folder_unless_the_environment_names_one(monkeypatch, tmp_path):
+    """The logic passes options to the library instead of writing FEWSHOTSAM_CACHE into the environment."""
+    import os
+
+    logic = LG.SegmentFromExampleLogic()
+    monkeypatch.delenv("FEWSHOTSAM_CACHE", raising=False)
+    monkeypatch.setenv("FEWSHOTSAM_PRECISION", "fp32")
+    logic.weights_folder = str(tmp_path / "slicer")
+    options = logic.runtime_options()
+    assert options.weights_dir == tmp_path / "slicer" and options.precision == "fp32"
+    assert "FEWSHOTSAM_CACHE" not in os.environ
+    monkeypatch.setenv("FEWSHOTSAM_CACHE", str(tmp_path / "mine"))
+    assert logic.runtime_options().weights_dir == tmp_path / "mine"
+
+
 def test_auto_generator_is_the_measured_best_for_the_backend():
     from FewShotSAMLib.prompts import recommended_generator
 

@@ -100,14 +100,6 @@ def installed_distributions_constraints() -> str:
     return "\n".join(sorted(lines)) + "\n"
 
 
-def set_cache_folder(folder: str) -> str:
-    """Make the library keep downloaded weights under ``folder`` (unless FEWSHOTSAM_CACHE is set)."""
-    if not os.environ.get("FEWSHOTSAM_CACHE"):
-        os.environ["FEWSHOTSAM_CACHE"] = folder
-    os.makedirs(os.environ["FEWSHOTSAM_CACHE"], exist_ok=True)
-    return os.environ["FEWSHOTSAM_CACHE"]
-
-
 def _failure_reason(exc: BaseException) -> str:
     if isinstance(exc, subprocess.CalledProcessError):
         return f"pip exited with code {exc.returncode}"

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 import weakref
+from pathlib import Path
 from typing import Callable, Optional, Union
 
 import numpy as np
@@ -20,6 +21,7 @@ import vtk
 import slicer
 
 from FewShotSAMLib.errors import CancelledError, UserInputError
+from FewShotSAMLib.options import RuntimeOptions
 from FewShotSAMLib.sam.names import BACKEND_NAMES, DEFAULT_SAM
 
 from .dependencies import (check_python_version, install_dependencies, missing_modules, slicer_install_torch,
@@ -95,7 +97,9 @@ class SegmentFromExampleLogic:
 
     ``pump_events`` (set by the panel to ``slicer.app.processEvents``) makes the engine run in a worker
     thread while the GUI thread keeps processing events; without it the engine runs in the caller's
-    thread (console, tests). ``embedding_cache_dir`` keeps embeddings on disk between runs when set.
+    thread (console, tests). ``embedding_cache_dir`` keeps embeddings on disk between runs when set;
+    ``weights_folder`` (set by the module to Slicer's cache folder) receives downloaded weights unless
+    FEWSHOTSAM_CACHE names another folder.
     ``on_rerun(slices, seconds)`` and ``on_error(exception)`` are told what a point edit did or raised.
     """
 
@@ -106,6 +110,7 @@ class SegmentFromExampleLogic:
         self.max_sessions = 2
         self.pump_events: Optional[Callable[[], None]] = None
         self.embedding_cache_dir: Optional[str] = None
+        self.weights_folder: Optional[str] = None
         self.on_rerun: Optional[Callable[[list, float], None]] = None
         self.on_error: Optional[Callable[[Exception], None]] = None
         self.last_result = None
@@ -180,23 +185,30 @@ class SegmentFromExampleLogic:
         self.last_result = None
 
     # ---- sessions -------------------------------------------------------------------------------
+    def runtime_options(self) -> RuntimeOptions:
+        """The library's options for a new session: the FEWSHOTSAM_* environment variables, read here (so a
+        variable set in Slicer's Python console applies to the next session), over this logic's defaults."""
+        defaults = RuntimeOptions(weights_dir=Path(self.weights_folder)) if self.weights_folder else None
+        return RuntimeOptions.from_environment(defaults=defaults)
+
     def session_for(self, volume_node, image: np.ndarray, sam: str = DEFAULT_SAM, device: str = "auto"):
         """The VolumeSession of this volume's current voxels and this SAM model (made once)."""
         from FewShotSAMLib.engine import VolumeSession
 
         key = (volume_node.GetID(), volume_node.GetImageData().GetMTime(), str(sam), str(device))
         if key not in self.sessions:
+            options = self.runtime_options()
             cache = None
             if self.embedding_cache_dir:
                 from FewShotSAMLib.sam import load_backend
                 from FewShotSAMLib.sam.cache import EmbeddingCache
 
-                backend = load_backend(sam, device)
-                cache = EmbeddingCache(backend, persist_dir=self.embedding_cache_dir)
+                backend = load_backend(sam, device, options=options)
+                cache = EmbeddingCache(backend, persist_dir=self.embedding_cache_dir, options=options)
                 sam = backend
             modality = volume_node.GetAttribute("DICOM.Modality")
             session = VolumeSession(image, volume_spacing(volume_node), sam=sam, device=device, cache=cache,
-                                    metadata={"modality": modality} if modality else None)
+                                    metadata={"modality": modality} if modality else None, options=options)
             while len(self.sessions) >= self.max_sessions:
                 self.sessions.pop(next(iter(self.sessions)))
             self.sessions[key] = session

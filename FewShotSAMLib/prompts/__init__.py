@@ -10,7 +10,8 @@ import importlib
 import importlib.util
 
 from ..errors import UserInputError
-from .base import PromptGenerator, Prompts, QueryContext, Support
+from ..prompt_types import Prompts, QueryContext, Support
+from .base import PromptGenerator
 
 # name -> (module, class). The default generator is the first one.
 GENERATORS: dict[str, tuple[str, str]] = {

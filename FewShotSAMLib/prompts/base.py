@@ -1,79 +1,19 @@
-"""The Prompts dataclass and the PromptGenerator protocol shared by every prompt generator.
+"""The PromptGenerator protocol shared by every prompt generator.
 
-Coordinates: every point and box inside the library is in the *model frame*: a square image of
-``backend.input_size`` pixels per side into which a slice is resized (physical aspect kept, longest side
-filling the square, padding at the bottom/right; see ``volume.SliceFrame``). Points are ``(row, col)``
-floats with pixel centres at integer positions. Boxes are ``(row0, col0, row1, col1)``.
-Conversions to voxel indices or physical coordinates happen only at the edges (``volume.SliceFrame``).
+The data it works on (``Prompts``, ``Support``, ``QueryContext``; coordinates in the model frame) lives in
+``FewShotSAMLib.prompt_types`` and is re-exported here for code that imports it from this module.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-import numpy as np
+from ..prompt_types import Prompts, QueryContext, Support
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from ..sam.base import SamBackend
-
-
-def _points(a) -> np.ndarray:
-    arr = np.asarray(a if a is not None else np.zeros((0, 2)), dtype=np.float32)
-    return arr.reshape(-1, 2)
-
-
-@dataclass
-class Prompts:
-    """What is fed to SAM for one query slice (model-frame coordinates, see module docstring).
-
-    ``presence`` is the generator's confidence (0..1) that the target is present on the query slice;
-    the engine's automatic extent uses it. ``mask_input`` is an optional 256x256 low-resolution logit
-    map for multi-pass generators; it is not serialised, so an edited re-run goes without it.
-    """
-
-    fg_points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))
-    bg_points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))
-    box: Optional[np.ndarray] = None
-    presence: float = 1.0
-    mask_input: Optional[np.ndarray] = None
-
-    def __post_init__(self) -> None:
-        self.fg_points = _points(self.fg_points)
-        self.bg_points = _points(self.bg_points)
-        if self.box is not None:
-            self.box = np.asarray(self.box, dtype=np.float32).reshape(4)
-
-    @property
-    def is_empty(self) -> bool:
-        """True when there is nothing to feed to SAM."""
-        return self.box is None and len(self.fg_points) == 0 and len(self.bg_points) == 0
-
-
-@dataclass
-class Support:
-    """One painted (support) slice: its SAM embedding and its mask in the model frame."""
-
-    embedding: "torch.Tensor"  # (C, h, w) float32 on the backend's device
-    mask: np.ndarray  # (S, S) bool, model frame
-    slice_index: int = -1
-
-
-@dataclass
-class QueryContext:
-    """What the engine knows about a query slice besides its embedding.
-
-    ``neighbour_mask`` is the model-frame mask the engine accepted on the adjacent, already segmented
-    slice on the side of the support (None for the first slice next to the painted one is the support
-    mask itself). ``valid`` marks the model-frame pixels that belong to the image (not padding).
-    """
-
-    neighbour_mask: Optional[np.ndarray]
-    valid: np.ndarray
-    slice_index: int = -1
-    distance: int = 0  # slices between the query and its support
+    from ..sam.backend import SamBackend
 
 
 @runtime_checkable

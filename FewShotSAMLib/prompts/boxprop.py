@@ -5,8 +5,10 @@ rules (area, overlap with the neighbour, SAM score) decide where the target ends
 
 from __future__ import annotations
 
+import numpy as np
+
+from ..prompt_types import Prompts, QueryContext, Support
 from ..shape import mask_box
-from .base import Prompts, QueryContext, Support
 
 
 class BoxPropagation:

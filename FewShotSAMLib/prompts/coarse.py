@@ -16,9 +16,9 @@ from typing import Optional
 
 import numpy as np
 
+from ..prompt_types import Prompts, QueryContext, Support
 from ..shape import label_components, mask_box
 from . import features as F
-from .base import Prompts, QueryContext, Support
 
 
 class CoarseMaskPrompts:

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserInputError
+from ..prompt_types import Prompts, QueryContext, Support
 from ..sam.weights import sha256_of
-from .base import Prompts, QueryContext, Support
 from .features import spread_points
 
 log = logging.getLogger(__name__)

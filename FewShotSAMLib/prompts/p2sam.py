@@ -23,9 +23,9 @@ from typing import Sequence
 
 import numpy as np
 
+from ..prompt_types import Prompts, QueryContext, Support
 from ..shape import mask_box
 from . import features as F
-from .base import Prompts, QueryContext, Support
 from .refine import refine_with_mask_input
 
 

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..prompt_types import Prompts, QueryContext, Support
 from ..shape import mask_box
 from . import features as F
-from .base import Prompts, QueryContext, Support
 
 
 class SynPo:

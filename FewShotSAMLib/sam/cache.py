@@ -18,28 +18,11 @@ from typing import Callable, Hashable, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-from ..errors import UserInputError
+from ..options import RuntimeOptions, default_options
 from ..threads import one_torch_thread
-from .base import SamBackend
+from .backend import SamBackend
 
 log = logging.getLogger(__name__)
-
-DEFAULT_CAP_BYTES = 512 << 20  # 512 MiB: 256 LiteMedSAM slices, 64 ViT slices in float16; the rest spills to disk
-CAP_ENV = "FEWSHOTSAM_CACHE_CAP_MB"  # the in-memory cap in MiB when the caller gives none
-
-
-def default_cap_bytes() -> int:
-    """The cache's memory cap: FEWSHOTSAM_CACHE_CAP_MB when set, else DEFAULT_CAP_BYTES."""
-    value = os.environ.get(CAP_ENV, "").strip()
-    if not value:
-        return DEFAULT_CAP_BYTES
-    try:
-        mb = float(value)
-    except ValueError:
-        raise UserInputError(f"{CAP_ENV}='{value}' is not a number of MiB; set it to e.g. 512 or unset it.") from None
-    if mb <= 0:
-        raise UserInputError(f"{CAP_ENV}='{value}' must be a positive number of MiB.")
-    return int(mb * 2**20)
 
 
 def key_digest(key: Hashable) -> str:
@@ -63,12 +46,15 @@ class EmbeddingCache:
     backend and its precision (``backend.cache_name``: 'litemedsam' for float32, 'litemedsam-bf16', ...)
     and keyed by the caller's key; callers must make keys that change whenever the pixels fed to the
     encoder change. While one batch is encoded, the frames of the next one are prepared in a thread.
+    ``cap_bytes`` None takes ``options.embedding_cap_bytes`` (None: the FEWSHOTSAM_* environment).
     """
 
     def __init__(self, backend: SamBackend, cap_bytes: Optional[int] = None,
-                 persist_dir: Optional[str | os.PathLike] = None) -> None:
+                 persist_dir: Optional[str | os.PathLike] = None, options: Optional[RuntimeOptions] = None) -> None:
         self.backend = backend
-        self.cap_bytes = int(cap_bytes) if cap_bytes is not None else default_cap_bytes()
+        if cap_bytes is None:
+            cap_bytes = (options if options is not None else default_options()).embedding_cap_bytes
+        self.cap_bytes = int(cap_bytes)
         self._mem: "OrderedDict[Hashable, np.ndarray]" = OrderedDict()
         self._mem_bytes = 0
         self._persist = Path(persist_dir) / getattr(backend, "cache_name", backend.name) if persist_dir else None

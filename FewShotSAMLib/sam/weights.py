@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UserInputError
+from ..options import default_options
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,9 @@ def sha256_of(path: str | os.PathLike) -> str:
 
 
 def default_cache_dir() -> Path:
-    """Folder for downloaded weights: $FEWSHOTSAM_CACHE, else ~/.cache/fewshotsam."""
-    root = os.environ.get("FEWSHOTSAM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fewshotsam")
-    return Path(root)
+    """Folder for downloaded weights when the caller names none: the default options' ``weights_dir``
+    ($FEWSHOTSAM_CACHE, else ~/.cache/fewshotsam)."""
+    return default_options().weights_dir
 
 
 def embedded_litemedsam_path() -> Path:

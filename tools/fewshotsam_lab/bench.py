@@ -109,7 +109,7 @@ def library_default_variant() -> str:
     has native bfloat16, else in float32; PyTorch with BN folding when openvino is not installed."""
     import torch
 
-    from FewShotSAMLib.sam.base import openvino_available, resolve_precision
+    from FewShotSAMLib.sam.device import openvino_available, resolve_precision
 
     if not openvino_available():
         return "fp32-fused-b4"
@@ -391,7 +391,7 @@ def bench_rerun(session, repeats: int = 20) -> dict:
     # The same re-run with each decoder runtime the machine has, interleaved (OpenVINO in bfloat16 beside a
     # reduced-precision encoder on a CPU with bfloat16, else ONNX Runtime, is the CPU default; PyTorch is
     # the fallback).
-    from FewShotSAMLib.sam.base import onnxruntime_available, openvino_available
+    from FewShotSAMLib.sam.device import onnxruntime_available, openvino_available
 
     backend = session.backend
     runtime = backend.decoder_runtime
@@ -547,7 +547,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark parts, print a summary and optionally write JSON. Returns the exit code."""
     import torch
 
-    from FewShotSAMLib.sam.base import cpu_has_fast_bf16, onnxruntime_available, openvino_available, resolve_device
+    from FewShotSAMLib.sam.device import cpu_has_fast_bf16, onnxruntime_available, openvino_available, resolve_device
     from FewShotSAMLib.slices import PreparedVolume
     from FewShotSAMLib.volume import choose_intensity, read_volume
 

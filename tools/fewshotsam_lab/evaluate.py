@@ -511,12 +511,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(int(args.threads))
-    if args.decoder_threads:
-        import os
-
-        from FewShotSAMLib.sam.base import DECODER_THREADS_ENV
-
-        os.environ[DECODER_THREADS_ENV] = str(int(args.decoder_threads))  # read when the decoder is built
     methods = [m.strip().lower() for m in str(args.methods).split(",") if m.strip()]
     unknown = [m for m in methods if m not in GENERATORS]
     if unknown or not methods:
@@ -568,10 +562,16 @@ def run(args: argparse.Namespace) -> int:
 
 def _open_store(args: argparse.Namespace, cases: Sequence[tuple[int, Path, Path]]) -> CaseStore:
     """The cases on the backend ``args.sam`` with the persistent embedding cache ``args.cache_dir``."""
+    from dataclasses import replace
+
+    from FewShotSAMLib.options import RuntimeOptions
     from FewShotSAMLib.sam import load_backend
     from FewShotSAMLib.sam.cache import EmbeddingCache
 
-    backend = load_backend(args.sam, args.device)
+    options = RuntimeOptions.from_environment()
+    if args.decoder_threads:
+        options = replace(options, decoder_threads=int(args.decoder_threads))
+    backend = load_backend(args.sam, args.device, options=options)
     return CaseStore(cases, backend, EmbeddingCache(backend, cap_bytes=256 << 20, persist_dir=args.cache_dir))
 
 
