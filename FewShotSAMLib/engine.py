@@ -193,6 +193,9 @@ class VolumeSession:
     ``sam`` and the embedding cache when they are not given.
     """
 
+    # a corrective re-run (``segment_from_prompts`` with ``previous``) keeps only the changes at its points
+    local_corrections: bool = True
+
     def __init__(self, image: np.ndarray, spacing: Sequence[float], *, sam=DEFAULT_SAM, device: str = "auto",
                  intensity: Optional[Intensity] = None, metadata: Optional[dict] = None,
                  cache=None, cache_cap_bytes: Optional[int] = None, options=None) -> None:
@@ -557,6 +560,8 @@ class VolumeSession:
                 mask2d, score = self.decode_slice(axis, k, m)
                 out[k] |= mask2d
                 answers.append(PieceAnswer(m, score, self._hole_points_of(axis, m, given.hole_bg)))
+            if previous is not None and (len(sp.fg) or len(sp.bg)):
+                out[k] = self.corrected_slice(axis, np.moveaxis(previous, axis, 0)[k], out[k], sp.fg, sp.bg)
             result.prompts[k] = self._slice_prompts(axis, k, answers, support)
             result.scores[k] = float(np.mean([a.score for a in answers])) if answers else 0.0
             if progress is not None:
@@ -567,6 +572,15 @@ class VolumeSession:
         result.mask = np.moveaxis(out, 0, axis)
         result.seconds = time.perf_counter() - t0
         return result
+
+    def corrected_slice(self, axis: int, previous2d: np.ndarray, new2d: np.ndarray, fg: np.ndarray,
+                        bg: np.ndarray) -> np.ndarray:
+        """A slice's answer after a correction: ``previous2d`` changed only where the points ``fg`` / ``bg``
+        (voxel indices) ask (``changes_at_points``), or ``new2d`` as it is when ``local_corrections`` is off."""
+        if not self.local_corrections:
+            return np.asarray(new2d, bool)
+        return changes_at_points(previous2d, new2d, volume_index_to_slice(axis, np.asarray(fg, float).reshape(-1, 3))[1],
+                                 volume_index_to_slice(axis, np.asarray(bg, float).reshape(-1, 3))[1])
 
     def with_previous_answer(self, axis: int, prompts: Sequence[Prompts], previous2d: np.ndarray) -> list[Prompts]:
         """One slice's prompts (one per piece) with the slice's previous answer (bool, native slice) as
@@ -594,6 +608,31 @@ class VolumeSession:
         marked = frame.points_to_model(volume_index_to_slice(axis, np.asarray(hole_bg, float))[1])
         d = np.abs(prompts.bg_points[:, None, :] - marked[None, :, :]).max(-1).min(1)
         return prompts.bg_points[d < 1e-3]
+
+
+def changes_at_points(previous: np.ndarray, new: np.ndarray, fg: np.ndarray, bg: np.ndarray,
+                      reach: float = 2.0) -> np.ndarray:
+    """A corrected slice: ``previous`` with only the changes of ``new`` that its points ask for: each
+    connected region that ``new`` adds is taken when it holds a foreground point (or passes within
+    ``reach`` px of one), each region it removes when it holds a background point. A click then changes
+    the answer where it was placed and in its own direction, and SAM re-deciding the rest of the slice
+    never undoes an earlier correction. ``fg``, ``bg``: (N, 2) rows, cols."""
+    from scipy import ndimage
+
+    previous, new = np.asarray(previous, bool), np.asarray(new, bool)
+    out = previous.copy()
+    for region, points, value in ((new & ~previous, fg, True), (previous & ~new, bg, False)):
+        if not region.any() or not len(points):
+            continue
+        labels, _ = ndimage.label(region, structure=np.ones((3, 3), bool))
+        at = np.zeros(region.shape, bool)
+        rc = np.round(np.asarray(points, float)).astype(int).reshape(-1, 2)
+        ok = (rc[:, 0] >= 0) & (rc[:, 0] < region.shape[0]) & (rc[:, 1] >= 0) & (rc[:, 1] < region.shape[1])
+        at[rc[ok, 0], rc[ok, 1]] = True
+        near = ndimage.distance_transform_edt(~at) <= reach
+        keep = np.unique(labels[near & region])
+        out[np.isin(labels, keep[keep > 0])] = value
+    return out
 
 
 def previous_answer_of_piece(previous: np.ndarray, prompts: Prompts) -> np.ndarray:

@@ -64,6 +64,8 @@ BAD = [
     (["segment", "{d}/image.nii.gz", "--example", "{d}/example.nii.gz", "--device", "cuda"], "CUDA"),
     (["segment", "{d}/image.nii.gz", "--example", "{d}/example.nii.gz", "--generator", "nope"], "Unknown prompt generator"),
     (["segment", "{d}/image.nii.gz", "--example", "{d}/example.nii.gz", "--window", "40"], "--window"),
+    (["segment", "{d}/image.nii.gz", "--example", "{d}/example.nii.gz", "--previous", "{d}/example.nii.gz"],
+     "pass --prompts-in too"),
 ]
 
 
@@ -128,6 +130,13 @@ def test_segment_writes_outputs_and_reruns_edited_prompts(files, capsys):
     others = [z for z in range(arr.shape[0]) if z != k]
     assert np.array_equal(arr2[others], arr[others])
     assert not np.array_equal(arr2[k], arr[k])
+    # the same edit as a correction of the first result (--previous): background points only remove
+    seg3 = d / "seg3.nii.gz"
+    code, err = run(capsys, "segment", d / "image.nii.gz", "--example", d / "example.nii.gz", "--output", seg3,
+                    "--prompts-in", edited, "--previous", seg, "--quiet")
+    assert code == 0, err
+    arr3 = sitk.GetArrayFromImage(sitk.ReadImage(str(seg3)))
+    assert np.array_equal(arr3[others], arr[others]) and not (arr3[k] & ~arr[k]).any()
 
 
 def test_prompts_file_on_another_slice_is_rejected(files, capsys):

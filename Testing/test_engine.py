@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import CHAOS_DIR, SHARED_EMBEDDINGS, require
-from FewShotSAMLib.engine import (ExtentRules, TargetEvidence, VolumeSession, keep_connected_to,
-                                  previous_answer_of_piece)
+from FewShotSAMLib.engine import (ExtentRules, TargetEvidence, VolumeSession, changes_at_points,
+                                  keep_connected_to, previous_answer_of_piece)
 from FewShotSAMLib.extent import accept_slice
 from FewShotSAMLib.errors import CancelledError, UserInputError
 from FewShotSAMLib.prompts.base import Support
@@ -196,6 +196,23 @@ def test_previous_answer_of_a_piece_is_its_own_parts():
     b = previous_answer_of_piece(prev, Prompts(fg_points=np.array([[30.0, 30.0]])))
     assert b.sum() == 100 and b[30, 30]
     assert not previous_answer_of_piece(prev, Prompts(fg_points=np.array([[20.0, 20.0]]))).any()
+
+
+def test_a_correction_changes_only_where_its_points_ask():
+    prev = np.zeros((40, 40), bool)
+    prev[10:20, 10:20] = True
+    new = np.zeros_like(prev)
+    new[10:20, 14:26] = True  # SAM's new answer: grows right, shrinks left
+    new[30:35, 30:35] = True  # and a blob far from any point
+    none = np.zeros((0, 2))
+    grown = changes_at_points(prev, new, np.array([[15, 23]]), none)  # a foreground click in the growth
+    assert grown[15, 23] and grown[15, 11] and not grown[32, 32]  # the shrink and the far blob are not taken
+    assert grown.sum() == prev.sum() + 60
+    cut = changes_at_points(prev, new, none, np.array([[15, 11]]))  # a background click in the shrink
+    assert not cut[15, 11] and not cut[15, 23] and cut.sum() == prev.sum() - 40
+    # a click's direction matters: a foreground point in a region SAM removes takes nothing
+    assert np.array_equal(changes_at_points(prev, new, np.array([[15, 11]]), none), prev)
+    assert np.array_equal(changes_at_points(prev, prev, np.array([[15, 15]]), none), prev)
 
 
 def test_previous_answer_reaches_only_a_decoder_that_reads_it(blob_session):

@@ -15,11 +15,13 @@ from fewshotsam_lab import clickbench
 from fewshotsam_lab import evaluate as E
 
 # One foreground point alone on a kidney slice near either end and at a quarter of the organ (slices the
-# automatic extent may miss): mean Dice 88.7 with litemedsam-points, 0.0 with the box-trained litemedsam.
+# automatic extent may miss): mean Dice 90.8 with litemedsam-points, 0.0 with the box-trained litemedsam.
 MISSED_SLICE_FLOOR = 80.0
-# Three rounds of corrective clicks on volume 2's liver, left kidney and spleen: mean gain of 3D Dice
-# +1.97 points with litemedsam-points (+6.3, -4.9, +4.5), -6.4 with litemedsam (-2.9, -17.3, +1.0).
-CLICKS_GAIN_FLOOR = -1.0
+# Three rounds of corrective clicks on volume 2's liver, left kidney and spleen (the previous answer as
+# mask input, local corrections): mean 3D Dice 78.9 -> 83.2 -> 86.2 -> 86.9, a gain of +8.0 points with
+# litemedsam-points (+6.3, +0.2, +17.5).
+CLICKS_GAIN_FLOOR = 5.0
+ROUND_TOLERANCE = 0.5  # a round may lose this much of the mean against the previous one (CPU rounding)
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +50,26 @@ def test_a_foreground_point_alone_segments_a_slice(points_store):
     assert np.mean(scores) >= MISSED_SLICE_FLOOR, scores
 
 
-def test_corrective_clicks_do_not_make_it_worse(points_store):
-    """The click benchmark on volume 2 (liver, left kidney, spleen): after three rounds the mean 3D Dice
-    is not below round 0's by more than a point (the box-trained LiteMedSAM loses 6.4 points here)."""
+def test_corrective_clicks_improve_round_after_round(points_store):
+    """The click benchmark on volume 2 (liver, left kidney, spleen): three rounds add at least 5 points of
+    mean 3D Dice, and no round loses what the previous one gained."""
     case = points_store.get(2)
-    gains = []
+    rounds = []
     for organ in (1, 3, 4):
         truth, example, _ = E.middle_slice_example(case.label, organ)
         run = clickbench.click_session(points_store.session(case), example, truth, make_generator("boxprop"), 3)
-        d = run["dice_per_round"]
-        assert len(d) == 4 and run["clicks"] > 0
-        gains.append(d[-1] - d[0])
-    assert np.mean(gains) >= CLICKS_GAIN_FLOOR, gains
+        assert len(run["dice_per_round"]) == 4 and run["clicks"] > 0
+        rounds.append(run["dice_per_round"])
+    mean = np.mean(rounds, axis=0)
+    assert mean[-1] - mean[0] >= CLICKS_GAIN_FLOOR, rounds
+    assert all(b >= a - ROUND_TOLERANCE for a, b in zip(mean, mean[1:])), rounds
+
+
+def test_the_shipped_point_decoder_reads_the_previous_answer(points_store):
+    """The shipped weights were trained with the answer being corrected as mask input (their metadata says
+    so) and the backend passes it; the box-trained LiteMedSAM does not."""
+    mask = np.zeros((256, 256), bool)
+    mask[100:150, 80:120] = True
+    given = points_store.backend.previous_answer_input(mask)
+    assert given is not None and given.dtype == np.float32 and given.shape == (256, 256)
+    assert given[120, 100] > 0 > given[10, 10]

@@ -423,11 +423,27 @@ def test_adding_a_point_reruns_exactly_that_slice(run):
     assert s.session.cache.encoded == encoded  # from the cached embedding
     after = LM.segment_mask(seg, out, vol)
     np.testing.assert_array_equal(after[:2], before[:2])  # other slices untouched
-    # Slice 2 is exactly what SAM gives for the box and the new point.
+    # Slice 2 is SAM's answer for the box and the new point, as a correction of the slice as it was:
+    # changed only where the new point asks (the regions it removes that hold the point).
     prompts = s.session.prompts_from_voxels(s.axis, np.zeros((0, 3)), np.array([[2, 34, 38]]), s.boxes[2])
-    expected, _ = s.session.decode_slice(s.axis, 2, prompts)
+    prompts = s.session.with_previous_answer(s.axis, [prompts], before[2])
+    sam, _ = s.session.decode_slice(s.axis, 2, prompts)
+    expected = s.session.corrected_slice(s.axis, before[2], sam, np.zeros((0, 3)), np.array([[2, 34, 38]]))
     np.testing.assert_array_equal(after[2], expected)
+    assert not (after[2] & ~before[2]).any()  # a background point never adds to the slice
     assert s.bg_node.GetNthControlPointLabel(s.bg_node.GetNumberOfControlPoints() - 1) == "2"
+
+
+def test_only_added_points_make_a_local_correction():
+    from FewShotSAMHelpers.editing import added_points
+
+    a = MK.SlicePoints(np.array([[2.0, 3, 4]]), np.zeros((0, 3)))
+    grown = MK.SlicePoints(np.array([[2.0, 3, 4], [2, 9, 9]]), np.array([[2.0, 5, 5]]))
+    got = added_points(a, grown)
+    assert got is not None and got.fg.tolist() == [[2, 9, 9]] and got.bg.tolist() == [[2, 5, 5]]
+    assert added_points(None, a).fg.tolist() == [[2, 3, 4]]
+    assert added_points(grown, a) is None  # a point deleted
+    assert added_points(a, MK.SlicePoints(np.array([[2.0, 3, 6]]), np.zeros((0, 3)))) is None  # moved
 
 
 def test_dragging_a_point_reruns_only_on_release(run):

@@ -148,6 +148,24 @@ class OutputState:
     generator: str = ""
 
 
+def added_points(before: Optional[SlicePoints], now: SlicePoints, tol: float = 1e-3) -> Optional[SlicePoints]:
+    """The points of ``now`` that ``before`` lacks when ``now`` only adds points to ``before`` (every
+    earlier point still in place); None when a point was moved or deleted."""
+    before = before or SlicePoints()
+    out = []
+    for old, new in ((before.fg, now.fg), (before.bg, now.bg)):
+        old, new = np.asarray(old, float).reshape(-1, 3), np.asarray(new, float).reshape(-1, 3)
+        matched = np.zeros(len(new), bool)
+        for p in old:
+            d = np.abs(new - p).max(1) if len(new) else np.zeros(0)
+            hit = np.flatnonzero((d < tol) & ~matched)
+            if not len(hit):
+                return None
+            matched[hit[0]] = True
+        out.append(new[~matched])
+    return SlicePoints(out[0], out[1])
+
+
 class PromptEditor:
     """Observes the two point lists of one output segment; when the user releases a moved point, adds or
     deletes one, re-decodes exactly the slices whose points changed (from the cached embeddings) and
@@ -342,11 +360,16 @@ class PromptEditor:
 
                     box = slice_to_volume_index(s.axis, k, [[rows.min(), cols.min()], [rows.max(), cols.max()]])
             prompts = s.session.prompts_from_voxels(s.axis, pts.fg, pts.bg, box)
-            # the segment as it is now is the answer being corrected (SAM's or painted by hand)
+            added = added_points(before_points.get(k), pts)
+            if added is None:  # a point moved or deleted: SAM answers the slice afresh
+                new[k] = s.session.decode_slice(s.axis, k, prompts)[0]
+                continue
+            # points only added: a correction of the segment as it is now (SAM's answer or painted by
+            # hand), which SAM sees and which changes only where the new points ask
             prompts = s.session.with_previous_answer(s.axis, prompts if isinstance(prompts, list) else [prompts],
                                                      before_slices[k])
-            mask2d, _score = s.session.decode_slice(s.axis, k, prompts)
-            new[k] = mask2d
+            mask2d = s.session.decode_slice(s.axis, k, prompts)[0]
+            new[k] = s.session.corrected_slice(s.axis, before_slices[k], mask2d, added.fg, added.bg)
         write_segment_slices(s.segmentation_node, s.segment_id, s.volume_node, s.axis, new)
         s.points = {k: v for k, v in s.points.items() if k not in slices}
         for k in slices:

@@ -96,6 +96,7 @@ class CaseStore:
         self.paths = {cid: (img, lab) for cid, img, lab in cases}
         self.backend = backend
         self.cache = cache
+        self.local_corrections = True  # what a session does with a corrective re-run (engine.changes_at_points)
         self._cases: dict[int, Case] = {}
 
     @property
@@ -121,8 +122,10 @@ class CaseStore:
         """A VolumeSession of ``case`` on the store's backend, cache and intensities."""
         from FewShotSAMLib.engine import VolumeSession
 
-        return VolumeSession(case.image, case.spacing, sam=self.backend, intensity=case.prepared.intensity,
-                             cache=self.cache)
+        session = VolumeSession(case.image, case.spacing, sam=self.backend, intensity=case.prepared.intensity,
+                                cache=self.cache)
+        session.local_corrections = self.local_corrections
+        return session
 
     def embedding(self, case: Case, index: int):
         """The cached embedding of slice ``index`` of ``case`` (encoded once if missing)."""
@@ -440,6 +443,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label", help="... and its label map; --organs then takes any label numbers")
     parser.add_argument("--protocol", default="fewshot", choices=["fewshot", "product", "clicks"])
     parser.add_argument("--rounds", type=int, default=3, help="corrective click rounds (protocol clicks)")
+    parser.add_argument("--corrections", default="local", choices=["local", "whole"],
+                        help="protocol clicks: a click changes the answer only where it asks (the product's "
+                             "rule, engine.changes_at_points) or SAM's new answer replaces the slice")
+    parser.add_argument("--volumes", default=None, help="protocol clicks with --data: only these volume ids, e.g. 2,15")
     parser.add_argument("--plot-with", nargs="*", default=[], metavar="JSON",
                         help="protocol clicks: earlier click results (other backends) drawn in the same --plot")
     parser.add_argument("--methods", default=",".join(TRAINING_FREE),
@@ -598,12 +605,17 @@ def _run_clicks(args: argparse.Namespace, methods: Sequence[str], organs: Sequen
         desc = f"{Path(args.image).name}, labels {', '.join(str(o) for o in organs)}"
     else:
         cases = list_cases(args.data)
+        if args.volumes:
+            wanted = {int(v) for v in args.volumes.split(",")}
+            cases = [c for c in cases if c[0] in wanted]
         desc = f"{len(cases)} volumes of {Path(args.data).name}, every volume once"
     store = _open_store(args, cases)
+    store.local_corrections = args.corrections == "local"
     t0 = time.perf_counter()
     result = evaluate_clicks(store, methods, organs, args.rounds, progress=lambda msg: log.info("%s", msg),
                              targets_desc=desc)
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    result["corrections"] = args.corrections
     atomic_write_text(args.json, json.dumps(result, indent=1))
     if args.report:
         p = Path(args.report)

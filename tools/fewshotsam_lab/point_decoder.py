@@ -533,9 +533,12 @@ def export(args) -> int:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.half() if v.is_floating_point() else v for k, v in ck["trained"].items()}
+    a = ck["args"]
+    init = Path(a["init"]) if a.get("init") else None
+    # the weights a run continued from (often the file this export replaces): their digest, read first
+    init_sha = a.get("init_sha256") or (sha256_of(init) if init is not None and init.is_file() else None)
     _atomic_save(state, out)
     rows = ck["rows"]
-    a = ck["args"]
 
     def rel(path: str) -> str:
         return os.path.relpath(path, ROOT) if path else path
@@ -555,6 +558,7 @@ def export(args) -> int:
                             f"{list(EXCLUDED_TOTALSEG_LABELS)}",
                  "files": files},
         "modes": dict(zip(MODES, MODE_WEIGHTS)),
+        "init_sha256": init_sha,
         "previous_answer": {"share": PREVIOUS_SHARE, "logit": float(previous_answer_logits(np.ones((1, 1), bool))[0, 0])},
         "command": "python tools/lab.py train-point-decoder " + " ".join(
             f"--{k} {rel(v) if k in ('chaos', 'totalseg', 'init') else v}" for k, v in a.items()
