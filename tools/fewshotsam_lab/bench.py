@@ -357,8 +357,9 @@ def bench_volume(image, labels: np.ndarray, organs: list[int], fast: EncoderVari
 
 
 def bench_rerun(session, repeats: int = 20) -> dict:
-    """End-to-end re-run of one slice after a point edit: cached embedding, decoder, back to native pixels
-    (``VolumeSession.decode_slice``, what the Slicer module calls), median over ``repeats``."""
+    """End-to-end re-run of one slice after a point is added: cached embedding, the slice's answer as mask
+    input, decoder, back to native pixels, the local correction (``with_previous_answer``, ``decode_slice``,
+    ``corrected_slice``: what the Slicer module calls), median over ``repeats``."""
     from FewShotSAMLib.prompts.base import Prompts
 
     res = next(iter(session.bench_results.values()))
@@ -372,22 +373,39 @@ def bench_rerun(session, repeats: int = 20) -> dict:
     rows, cols = np.nonzero(m)
     point = np.array([[rows.mean(), cols.mean()]], np.float32)
     edited = Prompts(np.concatenate([p.fg_points.reshape(-1, 2), point]), p.bg_points, p.box)
-    times, parts = [], {"cache_get": [], "decode": [], "to_native": []}
+    # a correction, as a point added in Slicer: the slice's answer is SAM's mask input (for a decoder that
+    # reads it) and the new answer changes the slice only where the added point asks
+    from FewShotSAMLib.volume import slice_to_volume_index
+
+    before = np.take(res.mask, k, axis=res.axis)
+    added = slice_to_volume_index(res.axis, k, pv.frame.points_to_native(point))
+    no_points = np.zeros((0, 3))
+
+    def correct():
+        prompts = session.with_previous_answer(res.axis, [edited], before)
+        new = session.decode_slice(res.axis, k, prompts)[0]
+        return session.corrected_slice(res.axis, before, new, added, no_points)
+
+    times, parts = [], {"cache_get": [], "decode": [], "to_native": [], "correction": []}
     for _ in range(repeats):
         t = time.perf_counter()
-        session.decode_slice(res.axis, k, edited)
+        correct()
         times.append(time.perf_counter() - t)
-        # The same work in its three parts.
+        # The same work in its parts.
         t0 = time.perf_counter()
         emb = session.cache.get(pv.key(k))
+        prompts = session.with_previous_answer(res.axis, [edited], before)[0]
         t1 = time.perf_counter()
-        out = session.backend.decode(emb, edited)
+        out = session.backend.decode(emb, prompts)
         t2 = time.perf_counter()
-        pv.frame.to_native(np.where(pv.valid, out.logits, OUTSIDE_LOGIT))
+        new = pv.frame.to_native(np.where(pv.valid, out.logits, OUTSIDE_LOGIT)) > 0
         t3 = time.perf_counter()
+        session.corrected_slice(res.axis, before, new, added, no_points)
+        t4 = time.perf_counter()
         parts["cache_get"].append(t1 - t0)
         parts["decode"].append(t2 - t1)
         parts["to_native"].append(t3 - t2)
+        parts["correction"].append(t4 - t3)
     # The same re-run with each decoder runtime the machine has, interleaved (OpenVINO in bfloat16 beside a
     # reduced-precision encoder on a CPU with bfloat16, else ONNX Runtime, is the CPU default; PyTorch is
     # the fallback).
@@ -402,7 +420,7 @@ def bench_rerun(session, repeats: int = 20) -> dict:
             for r in by_runtime:
                 backend.decoder_runtime = r
                 t = time.perf_counter()
-                session.decode_slice(res.axis, k, edited)
+                correct()
                 by_runtime[r].append(time.perf_counter() - t)
     finally:
         backend.decoder_runtime = runtime
