@@ -13,7 +13,7 @@ import argparse
 import logging
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from .errors import CancelledError, UserInputError
 
@@ -215,14 +215,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.DEBUG if args.verbose else (logging.ERROR if quiet else logging.INFO),
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    return exit_code_of(lambda: run_segment(args), "; nothing was written")
+
+
+def exit_code_of(job: Callable[[], int], stopped_note: str = "") -> int:
+    """Run a command-line job: an error the user can fix is one ``error: ...`` line and its exit code, a
+    cancel or an interrupt one line (``stopped_note`` appended) and 130."""
     try:
-        return run_segment(args)
+        return int(job() or 0)
     except UserInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except CancelledError:
-        print("cancelled; nothing was written", file=sys.stderr)
+        print(f"cancelled{stopped_note}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
+        print(f"interrupted{stopped_note}", file=sys.stderr)
         return 130

@@ -7,7 +7,7 @@ target's extent automatically (``extent.py``) or takes a forced range, and keeps
 to the example. ``VolumeSession`` keeps the backend, the prepared slices and the embedding cache so that
 several segments, and re-runs of single slices after a prompt edit, never re-encode a slice.
 
-Why one file of about 600 lines: the steps of ``VolumeSession.segment`` (``plan_runs``, the encoding along
+Why one file of about 620 lines: the steps of ``VolumeSession.segment`` (``plan_runs``, the encoding along
 a run, ``_follow_run``, ``_segment_piece``, ``_assemble``), the pieces and holes of a target
 (``FollowedPiece``, ``PieceAnswer``, ``_follow_holes``, ``_merge_pieces``) and the re-run of edited prompts
 all work on one session's state (prepared slices, embedding cache, backend) and share the result types;
@@ -25,6 +25,7 @@ from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Union
 import numpy as np
 
 from .errors import CancelledError, UserInputError
+from .corrections import changes_at_points, previous_answer_of_piece
 from .extent import Extent, ExtentRules, TargetEvidence, accept_slice, resolve_extent
 from .prompt_types import Prompts, QueryContext, SlicePrompts, Support
 from .prompts import DEFAULT_GENERATOR, make_generator
@@ -608,48 +609,6 @@ class VolumeSession:
         marked = frame.points_to_model(volume_index_to_slice(axis, np.asarray(hole_bg, float))[1])
         d = np.abs(prompts.bg_points[:, None, :] - marked[None, :, :]).max(-1).min(1)
         return prompts.bg_points[d < 1e-3]
-
-
-def changes_at_points(previous: np.ndarray, new: np.ndarray, fg: np.ndarray, bg: np.ndarray,
-                      reach: float = 2.0) -> np.ndarray:
-    """A corrected slice: ``previous`` with only the changes of ``new`` that its points ask for: each
-    connected region that ``new`` adds is taken when it holds a foreground point (or passes within
-    ``reach`` px of one), each region it removes when it holds a background point. A click then changes
-    the answer where it was placed and in its own direction, and SAM re-deciding the rest of the slice
-    never undoes an earlier correction. ``fg``, ``bg``: (N, 2) rows, cols."""
-    from scipy import ndimage
-
-    previous, new = np.asarray(previous, bool), np.asarray(new, bool)
-    out = previous.copy()
-    for region, points, value in ((new & ~previous, fg, True), (previous & ~new, bg, False)):
-        if not region.any() or not len(points):
-            continue
-        labels, _ = ndimage.label(region, structure=np.ones((3, 3), bool))
-        at = np.zeros(region.shape, bool)
-        rc = np.round(np.asarray(points, float)).astype(int).reshape(-1, 2)
-        ok = (rc[:, 0] >= 0) & (rc[:, 0] < region.shape[0]) & (rc[:, 1] >= 0) & (rc[:, 1] < region.shape[1])
-        at[rc[ok, 0], rc[ok, 1]] = True
-        near = ndimage.distance_transform_edt(~at) <= reach
-        keep = np.unique(labels[near & region])
-        out[np.isin(labels, keep[keep > 0])] = value
-    return out
-
-
-def previous_answer_of_piece(previous: np.ndarray, prompts: Prompts) -> np.ndarray:
-    """The part of a slice's previous answer (bool, model frame) that belongs to one piece's prompts: its
-    connected parts that overlap the piece's box or hold one of its foreground points."""
-    from scipy import ndimage
-
-    labels, n = ndimage.label(previous)
-    keep = np.zeros(n + 1, bool)
-    if prompts.box is not None:
-        r0, c0, r1, c1 = np.round(prompts.box).astype(int)
-        keep[np.unique(labels[max(r0, 0):r1 + 1, max(c0, 0):c1 + 1])] = True
-    for r, c in np.round(prompts.fg_points).astype(int):
-        if 0 <= r < previous.shape[0] and 0 <= c < previous.shape[1]:
-            keep[labels[r, c]] = True
-    keep[0] = False
-    return keep[labels]
 
 
 def segment_volume(image: np.ndarray, spacing: Sequence[float], example_mask: np.ndarray, *,

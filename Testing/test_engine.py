@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import CHAOS_DIR, SHARED_EMBEDDINGS, require
-from FewShotSAMLib.engine import (ExtentRules, TargetEvidence, VolumeSession, changes_at_points,
-                                  keep_connected_to, previous_answer_of_piece)
+from FewShotSAMLib.corrections import changes_at_points, previous_answer_of_piece
+from FewShotSAMLib.engine import ExtentRules, TargetEvidence, VolumeSession, keep_connected_to
 from FewShotSAMLib.extent import accept_slice
 from FewShotSAMLib.errors import CancelledError, UserInputError
 from FewShotSAMLib.prompts.base import Support

@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from FewShotSAMLib.errors import CancelledError, UserInputError
+from FewShotSAMLib.cli import exit_code_of
 
 PROG = "python tools/lab.py"
 
@@ -49,17 +49,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     module_name, description = COMMANDS[args.command]
-    try:
+
+    def job() -> int:
         module = importlib.import_module(module_name)
         sub = argparse.ArgumentParser(prog=f"{PROG} {args.command}", description=description)
         module.add_arguments(sub)
-        return int(module.run(sub.parse_args(rest)) or 0)
-    except UserInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except CancelledError:
-        print("cancelled", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return module.run(sub.parse_args(rest))
+
+    return exit_code_of(job)

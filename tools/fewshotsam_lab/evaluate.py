@@ -96,7 +96,7 @@ class CaseStore:
         self.paths = {cid: (img, lab) for cid, img, lab in cases}
         self.backend = backend
         self.cache = cache
-        self.local_corrections = True  # what a session does with a corrective re-run (engine.changes_at_points)
+        self.local_corrections = True  # what a session does with a corrective re-run (corrections.changes_at_points)
         self._cases: dict[int, Case] = {}
 
     @property
@@ -445,7 +445,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="corrective click rounds (protocol clicks)")
     parser.add_argument("--corrections", default="local", choices=["local", "whole"],
                         help="protocol clicks: a click changes the answer only where it asks (the product's "
-                             "rule, engine.changes_at_points) or SAM's new answer replaces the slice")
+                             "rule, corrections.changes_at_points) or SAM's new answer replaces the slice")
     parser.add_argument("--volumes", default=None, help="protocol clicks with --data: only these volume ids, e.g. 2,15")
     parser.add_argument("--plot-with", nargs="*", default=[], metavar="JSON",
                         help="protocol clicks: earlier click results (other backends) drawn in the same --plot")

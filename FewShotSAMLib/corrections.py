@@ -1,0 +1,51 @@
+"""Corrective re-runs: what a click changes on a slice whose answer the user is correcting.
+
+``changes_at_points`` keeps the previous answer except the regions SAM's new answer adds at a foreground
+point or removes at a background point; ``previous_answer_of_piece`` is the part of a slice's previous
+answer that belongs to one piece's prompts (its mask input when a target is in pieces). The engine
+(``VolumeSession.corrected_slice``, ``with_previous_answer``) and the Slicer module use them."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from .prompt_types import Prompts
+
+
+def changes_at_points(previous: np.ndarray, new: np.ndarray, fg: np.ndarray, bg: np.ndarray,
+                      reach: float = 2.0) -> np.ndarray:
+    """A corrected slice: ``previous`` with only the changes of ``new`` that its points ask for: each
+    connected region that ``new`` adds is taken when it holds a foreground point (or passes within
+    ``reach`` px of one), each region it removes when it holds a background point. A click then changes
+    the answer where it was placed and in its own direction, and SAM re-deciding the rest of the slice
+    never undoes an earlier correction. ``fg``, ``bg``: (N, 2) rows, cols."""
+    previous, new = np.asarray(previous, bool), np.asarray(new, bool)
+    out = previous.copy()
+    for region, points, value in ((new & ~previous, fg, True), (previous & ~new, bg, False)):
+        if not region.any() or not len(points):
+            continue
+        labels, _ = ndimage.label(region, structure=np.ones((3, 3), bool))
+        at = np.zeros(region.shape, bool)
+        rc = np.round(np.asarray(points, float)).astype(int).reshape(-1, 2)
+        ok = (rc[:, 0] >= 0) & (rc[:, 0] < region.shape[0]) & (rc[:, 1] >= 0) & (rc[:, 1] < region.shape[1])
+        at[rc[ok, 0], rc[ok, 1]] = True
+        near = ndimage.distance_transform_edt(~at) <= reach
+        keep = np.unique(labels[near & region])
+        out[np.isin(labels, keep[keep > 0])] = value
+    return out
+
+
+def previous_answer_of_piece(previous: np.ndarray, prompts: Prompts) -> np.ndarray:
+    """The part of a slice's previous answer (bool, model frame) that belongs to one piece's prompts: its
+    connected parts that overlap the piece's box or hold one of its foreground points."""
+    labels, n = ndimage.label(previous)
+    keep = np.zeros(n + 1, bool)
+    if prompts.box is not None:
+        r0, c0, r1, c1 = np.round(prompts.box).astype(int)
+        keep[np.unique(labels[max(r0, 0):r1 + 1, max(c0, 0):c1 + 1])] = True
+    for r, c in np.round(prompts.fg_points).astype(int):
+        if 0 <= r < previous.shape[0] and 0 <= c < previous.shape[1]:
+            keep[labels[r, c]] = True
+    keep[0] = False
+    return keep[labels]
