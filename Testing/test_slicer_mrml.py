@@ -498,6 +498,11 @@ def test_rerun_all_and_undo_of_a_whole_run(run):
     with DecodeSpy(editor.state.session) as spy:
         slices = logic.rerunAll(seg, out)
     assert slices == sorted(set(spy.calls)) and {0, 2} <= set(slices)
+    # a re-run without a new point is SAM's answer afresh, not a correction of the slice as it was
+    s = editor.state
+    pts = editor.current_points().get(2, MK.SlicePoints())
+    fresh, _ = s.session.decode_slice(s.axis, 2, s.session.prompts_from_voxels(s.axis, pts.fg, pts.bg, s.boxes[2]))
+    np.testing.assert_array_equal(LM.segment_mask(seg, out, vol)[2], fresh)
     logic.undo()  # undo the re-run all
     n_nodes = scene.GetNumberOfNodes()
     segs = list(seg.GetSegmentation().GetSegmentIDs())

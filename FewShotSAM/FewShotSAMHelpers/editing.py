@@ -361,7 +361,8 @@ class PromptEditor:
                     box = slice_to_volume_index(s.axis, k, [[rows.min(), cols.min()], [rows.max(), cols.max()]])
             prompts = s.session.prompts_from_voxels(s.axis, pts.fg, pts.bg, box)
             added = added_points(before_points.get(k), pts)
-            if added is None:  # a point moved or deleted: SAM answers the slice afresh
+            if added is None or not (len(added.fg) or len(added.bg)):
+                # a point moved or deleted, or a re-run without a new point: SAM answers the slice afresh
                 new[k] = s.session.decode_slice(s.axis, k, prompts)[0]
                 continue
             # points only added: a correction of the segment as it is now (SAM's answer or painted by
