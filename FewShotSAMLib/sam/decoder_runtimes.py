@@ -75,7 +75,7 @@ class OnnxDecoder(_ExportedDecoder):
         options.intra_op_num_threads = self.threads()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # its worker threads sleep when a decode ends instead of spinning on the cores that the encoder,
-        # the generators and (in Slicer) the application need next (docs/PERFORMANCE.md, fifth session)
+        # the generators and (in Slicer) the application need next (docs/PERFORMANCE.md)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(self._graph(with_mask), options, providers=["CPUExecutionProvider"])
         return lambda feed: tuple(session.run(None, feed))
