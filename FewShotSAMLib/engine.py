@@ -590,15 +590,25 @@ class VolumeSession:
         if not any(len(p.fg_points) or len(p.bg_points) for p in prompts):
             return list(prompts)
         before = self.prepared(axis).mask_to_model(previous2d)
-        if self.backend.previous_answer_input(before) is None:
-            return list(prompts)
         out = []
         for p in prompts:
             if len(p.fg_points) or len(p.bg_points):
-                mine = previous_answer_of_piece(before, p) if len(prompts) > 1 else before
-                p = replace(p, mask_input=self.backend.previous_answer_input(mine))
+                given = self.backend.previous_answer_input(
+                    previous_answer_of_piece(before, p) if len(prompts) > 1 else before)
+                if given is None:  # the decoder does not read previous answers
+                    return list(prompts)
+                p = replace(p, mask_input=given)
             out.append(p)
         return out
+
+    def correct_slice(self, axis: int, index: int, prompts: Union[Prompts, Sequence[Prompts]],
+                      previous2d: np.ndarray, fg: np.ndarray, bg: np.ndarray) -> np.ndarray:
+        """A slice's answer to a correction: ``prompts`` decoded with the slice's previous answer
+        ``previous2d`` as mask input (``with_previous_answer``), then changed only where the added points
+        ``fg`` / ``bg`` (voxel indices) ask (``corrected_slice``). Native slice, bool."""
+        parts = [prompts] if isinstance(prompts, Prompts) else list(prompts)
+        new, _score = self.decode_slice(axis, index, self.with_previous_answer(axis, parts, previous2d))
+        return self.corrected_slice(axis, previous2d, new, fg, bg)
 
     def _hole_points_of(self, axis: int, prompts: Prompts, hole_bg: Optional[np.ndarray]) -> np.ndarray:
         """The background points of ``prompts`` that the caller marked as lying in holes (``hole_bg``,

@@ -367,10 +367,7 @@ class PromptEditor:
                 continue
             # points only added: a correction of the segment as it is now (SAM's answer or painted by
             # hand), which SAM sees and which changes only where the new points ask
-            prompts = s.session.with_previous_answer(s.axis, prompts if isinstance(prompts, list) else [prompts],
-                                                     before_slices[k])
-            mask2d = s.session.decode_slice(s.axis, k, prompts)[0]
-            new[k] = s.session.corrected_slice(s.axis, before_slices[k], mask2d, added.fg, added.bg)
+            new[k] = s.session.correct_slice(s.axis, k, prompts, before_slices[k], added.fg, added.bg)
         write_segment_slices(s.segmentation_node, s.segment_id, s.volume_node, s.axis, new)
         s.points = {k: v for k, v in s.points.items() if k not in slices}
         for k in slices:

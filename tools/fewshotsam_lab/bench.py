@@ -382,9 +382,7 @@ def bench_rerun(session, repeats: int = 20) -> dict:
     no_points = np.zeros((0, 3))
 
     def correct():
-        prompts = session.with_previous_answer(res.axis, [edited], before)
-        new = session.decode_slice(res.axis, k, prompts)[0]
-        return session.corrected_slice(res.axis, before, new, added, no_points)
+        return session.correct_slice(res.axis, k, edited, before, added, no_points)
 
     times, parts = [], {"cache_get": [], "decode": [], "to_native": [], "correction": []}
     for _ in range(repeats):
