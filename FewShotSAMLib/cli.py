@@ -63,7 +63,10 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
                    help="With --prompts-in: the segmentation being corrected (e.g. the run's --output); a SAM "
                         "that reads it (litemedsam-points) then changes each clicked slice near its points.")
     p.add_argument("--overlay-out", default=None, help="Write a PNG montage of the result for a quick visual check.")
-    p.add_argument("--generator", default=DEFAULT_GENERATOR, help=f"Prompt generator (default {DEFAULT_GENERATOR}).")
+    p.add_argument("--generator", default=DEFAULT_GENERATOR,
+                   help="Prompt generator: auto (default: the one that measured best with the SAM model; FoB inside "
+                        "the propagation for litemedsam-points, box propagation otherwise), fob, boxprop, persam, "
+                        "p2sam, synpo or coarse.")
     p.add_argument("--sam", default=DEFAULT_SAM, help=f"SAM model: {', '.join(BACKEND_NAMES)} (default {DEFAULT_SAM}; "
                    "litemedsam-points follows points; vit_t is MobileSAM, obtained and verified on first use), or a checkpoint path.")
     p.add_argument("--sam-checkpoint", default=None, help="Checkpoint for --sam NAME: a local path, hf:owner/repo/file or owner/repo:file.")
@@ -173,7 +176,7 @@ def run_segment(args: argparse.Namespace) -> int:
 
         write_prompts(args.prompts_out, prompts_to_json(
             result, image, image=str(args.image), example=str(args.example), label=label_value,
-            sam=sam_name, generator=args.generator if not args.prompts_in else "prompts-in"))
+            sam=sam_name, generator=result.generator or "prompts-in"))
     if args.overlay_out:
         from .overlay import render_overlay, write_overlay
 

@@ -54,6 +54,7 @@ class SegmentationResult:
     painted: list[int] = field(default_factory=list)
     intensity: Optional[Intensity] = None
     seconds: float = 0.0
+    generator: str = ""  # the generator that made the prompts (``auto`` resolved), "" for given prompts
 
     @property
     def segmented_slices(self) -> list[int]:
@@ -310,7 +311,7 @@ class VolumeSession:
                 f"The example has shape {example.shape} but the image has {self.image.shape}; paint it on this image.")
         if not example.any():
             raise UserInputError("The example is empty: paint the target on at least one slice.")
-        gen = make_generator(generator)
+        gen = make_generator(generator, sam=self.backend.name)
         rules = rules or ExtentRules()
         axis = choose_axis(example, self.spacing) if axis is None else int(axis)
         pv = self.prepared(axis)
@@ -331,7 +332,7 @@ class VolumeSession:
         for p in painted:
             out[p] = ex_slices[p]
         result = SegmentationResult(mask=np.zeros((0, 0, 0), bool), axis=axis, painted=painted,
-                                    intensity=self.intensity)  # the mask is set at the end
+                                    intensity=self.intensity, generator=gen.name)  # the mask is set at the end
         for run in plan_runs(painted, lo, hi, forced):
             if not (lo <= run.start <= hi) or run.origin not in supports:
                 continue

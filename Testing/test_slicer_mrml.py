@@ -618,7 +618,10 @@ def test_auto_generator_is_the_measured_best_for_the_backend():
     from FewShotSAMLib.prompts import recommended_generator
 
     assert LG.default_generator() == "auto"
-    assert LG.resolve_generator(None) == LG.resolve_generator("auto") == recommended_generator() == "boxprop"
+    # FoB inside the propagation where the shipped FoB weights are calibrated for the model, else boxprop
+    assert LG.resolve_generator(None) == LG.resolve_generator("auto") == recommended_generator() == "fob"
+    assert LG.resolve_generator("auto", "litemedsam") == recommended_generator("litemedsam") == "boxprop"
+    assert LG.resolve_generator("auto", "vit_t") == "boxprop"
     assert LG.resolve_generator("FoB") == "fob"  # asked for by name, it runs
     with pytest.raises(UserInputError, match="auto or one of"):
         LG.resolve_generator("magic")

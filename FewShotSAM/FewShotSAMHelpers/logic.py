@@ -42,17 +42,17 @@ RESEARCH_SAM = ("vit_h", "vit_l", "vit_b")  # SAM ViT: a checkpoint the user sup
 PANEL_SAM_MODELS = tuple(name for name in BACKEND_NAMES if name not in RESEARCH_SAM)
 
 
-def resolve_generator(name: Optional[str]) -> str:
-    """The generator to run: 'auto' (or nothing) is the one that measured best
+def resolve_generator(name: Optional[str], sam: Optional[str] = None) -> str:
+    """The generator to run: 'auto' (or nothing) is the one that measured best with the SAM model ``sam``
     (``FewShotSAMLib.prompts.recommended_generator``); 'fob' without FoB installed falls back to it (logged)."""
     from FewShotSAMLib.prompts import available_generators, recommended_generator
 
     available = available_generators()
     name = (name or "auto").lower()
     if name == "auto":
-        return recommended_generator()
+        return recommended_generator(sam)
     if name == "fob" and "fob" not in available:
-        fallback = recommended_generator()
+        fallback = recommended_generator(sam)
         log.warning("The FoB prompt generator is not installed; using '%s' instead.", fallback)
         return fallback
     if name not in available:
@@ -321,7 +321,7 @@ class SegmentFromExampleLogic:
                 raise UserInputError("The output segment is the painted example; choose another segment to "
                                      "overwrite or create a new one (the example is never altered).")
             get_segment(segmentationNode, outputSegmentId)
-        generator = resolve_generator(generator)
+        generator = resolve_generator(generator, sam if isinstance(sam, str) else None)
         extent = parse_extent(extent)
         image = volume_array(volumeNode)
         example = segment_mask(segmentationNode, segmentId, volumeNode)

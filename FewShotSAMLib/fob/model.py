@@ -254,6 +254,18 @@ class FoBNet(nn.Module):
         """(B, Cin, h, w) SAM embedding -> (B, d, h, w) adapted features."""
         return self.adapter(embedding)
 
+    def foreground_prototype(self, support_emb: torch.Tensor, support_mask: torch.Tensor) -> torch.Tensor:
+        """(B, d) mean adapted support feature under the support mask (B, S, S)."""
+        fs = self.features(support_emb)
+        m = F.adaptive_avg_pool2d(support_mask.float()[:, None], fs.shape[-1])
+        return weighted_pool(fs, m)[:, 0]
+
+    def correlation_logits(self, fg_proto: torch.Tensor, query_feat: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) logits of the correlation map C: how much each query cell looks like the support
+        foreground (``fg_proto`` (B, d) against adapted query features (B, d, h, w))."""
+        cos = F.cosine_similarity(query_feat, fg_proto[:, :, None, None], dim=1)
+        return self.corr_scale * (cos - self.corr_shift)
+
     def forward(self, support_emb: torch.Tensor, support_mask: torch.Tensor, support_points: torch.Tensor,
                 query_emb: torch.Tensor) -> FoBOutput:
         """support_emb/query_emb (B, Cin, h, w); support_mask (B, S, S) float/bool in the model frame;
@@ -267,8 +279,7 @@ class FoBNet(nn.Module):
         g = gaussian_heatmaps(support_points, h, cfg.frame_size, cfg.sigma)
         protos = weighted_pool(fs, g)  # (B, Np, d)  BPPC
 
-        cos = F.cosine_similarity(fq, fg_proto[:, :, None, None], dim=1)  # (B, h, w)
-        corr_logits = self.corr_scale * (cos - self.corr_shift)
+        corr_logits = self.correlation_logits(fg_proto, fq)
         if cfg.use_bcm:
             c = torch.sigmoid(corr_logits)
             fsup = (1 - c)[:, None] * fq

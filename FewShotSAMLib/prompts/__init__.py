@@ -1,19 +1,25 @@
 """Prompt generators: each turns a support example and a query embedding into SAM prompts.
 
 ``make_generator(name)`` builds one by name; each generator lives in its own module and is imported only
-when asked for, so a missing optional dependency of one generator does not affect the others.
+when asked for, so a missing optional dependency of one generator does not affect the others. The name
+``auto`` (the default) is the generator that measured best with the SAM model in use
+(``recommended_generator``).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
+from pathlib import Path
+from typing import Optional
 
 from ..errors import UserInputError
+from ..sam.names import DEFAULT_SAM
 from ..prompt_types import Prompts, QueryContext, Support
 from .base import PromptGenerator
 
-# name -> (module, class). The default generator is the first one.
+# name -> (module, class).
 GENERATORS: dict[str, tuple[str, str]] = {
     "boxprop": ("boxprop", "BoxPropagation"),
     "fob": ("fob", "FoBGenerator"),
@@ -22,18 +28,29 @@ GENERATORS: dict[str, tuple[str, str]] = {
     "synpo": ("synpo", "SynPo"),
     "coarse": ("coarse", "CoarseMaskPrompts"),
 }
-DEFAULT_GENERATOR = "boxprop"
+DEFAULT_GENERATOR = "auto"  # recommended_generator() for the SAM model in use
+FOB_METADATA = Path(__file__).resolve().parents[1] / "fob" / "weights" / "fob.json"
 
 
-def recommended_generator() -> str:
-    """The generator that measured best, whatever the SAM model (what 'auto' means in the Slicer module).
+def recommended_generator(sam: Optional[str] = None) -> str:
+    """The generator that measured best with the SAM model ``sam`` (a name; None for the default model):
+    what 'auto' means on the command line, in the API and in the Slicer module.
 
-    Measured on CHAOS (docs/RESULTS.md, product protocol: one painted slice, automatic extent): with the
-    box-trained LiteMedSAM, box propagation (87 % Dice on fold 0) is far ahead of every prompt generator
-    that places points, FoB included (its ring gives a box ~20 px off). FoB weights exist only for
-    LiteMedSAM's embeddings, so for the other SAM models box propagation is also the one that can run.
+    Product protocol on CHAOS (one painted slice, automatic extent; docs/FOB.md, docs/RESULTS.md): FoB inside
+    the propagation (the neighbour's box, FoB deciding where the target ends) where the shipped FoB weights
+    are calibrated for that model (``propagation.sam_backend`` in their metadata: litemedsam-points, 87.38
+    vs 86.58 cross-validated); box propagation for every other model (86.46 with the box-trained
+    LiteMedSAM, far ahead of the generators that place points there).
     """
-    return DEFAULT_GENERATOR
+    name = str(sam or DEFAULT_SAM).lower()
+    if importlib.util.find_spec(f"{__name__}.fob") is not None and FOB_METADATA.is_file():
+        try:
+            calibration = json.loads(FOB_METADATA.read_text()).get("propagation") or {}
+        except ValueError:
+            calibration = {}
+        if calibration.get("sam_backend") == name and calibration.get("min_corr") is not None:
+            return "fob"
+    return "boxprop"
 
 
 def available_generators() -> list[str]:
@@ -45,14 +62,18 @@ def available_generators() -> list[str]:
     return names
 
 
-def make_generator(name: str | PromptGenerator = DEFAULT_GENERATOR, **options) -> PromptGenerator:
-    """Build a generator by name (or return ``name`` if it already is one)."""
+def make_generator(name: str | PromptGenerator = DEFAULT_GENERATOR, sam: Optional[str] = None,
+                   **options) -> PromptGenerator:
+    """Build a generator by name (or return ``name`` if it already is one); ``auto`` is the one recommended
+    for the SAM model ``sam``."""
     if not isinstance(name, str):
         return name
     key = name.lower()
+    if key == "auto":
+        key = recommended_generator(sam)
     if key not in GENERATORS or key not in available_generators():
         raise UserInputError(
-            f"Unknown prompt generator '{name}'; choose one of {', '.join(available_generators())}."
+            f"Unknown prompt generator '{name}'; choose auto or one of {', '.join(available_generators())}."
         )
     mod, cls = GENERATORS[key]
     module = importlib.import_module(f"{__name__}.{mod}")

@@ -10,13 +10,15 @@ import numpy as np
 from ..prompt_types import Prompts, QueryContext, Support
 from ..shape import mask_box
 
+BOX_MARGIN = 3.0  # pixels at 256 added around the neighbour's mask box
+
 
 class BoxPropagation:
     """Prompt each slice with the enlarged bounding box of the neighbouring slice's mask."""
 
     name = "boxprop"
 
-    def __init__(self, margin: float = 3.0) -> None:
+    def __init__(self, margin: float = BOX_MARGIN) -> None:
         self.margin = float(margin)
 
     def generate(self, support: Support, query, context: QueryContext, backend) -> Prompts:

@@ -2,6 +2,13 @@
 network (``fob/``), foreground points spread where the query correlates with the support foreground, a
 box from the predicted background ring for box-trained backends, and a calibrated presence score.
 
+Inside a propagation (the engine knows the neighbouring slice's answer: mode ``propagate``, the default
+there) FoB gives the neighbour's box, as box propagation does, and decides where the target ends: the
+presence is FoB's correlation map averaged over the neighbour's answer (eroded), against the threshold
+calibrated for these weights (``propagation.min_corr`` in the metadata, written by
+``python tools/lab.py calibrate-fob-extent``). FoB's background and foreground points are not added
+there: on the point-aware LiteMedSAM they cut the target (docs/FOB.md).
+
 Weights: ``FoBGenerator()`` loads the shipped ``FewShotSAMLib/fob/weights/fob.pt`` (package data) and checks
 it against the SHA-256 and SAM backend recorded in ``fob.json`` beside it; ``FoBGenerator(weights=path)`` loads any weights
 written by ``python tools/lab.py train-fob`` (research tooling of a source checkout; its ``.json`` beside it is
@@ -23,23 +30,28 @@ import torch.nn.functional as F
 from ..errors import UserInputError
 from ..prompt_types import Prompts, QueryContext, Support
 from ..sam.weights import sha256_of
+from ..shape import mask_box
+from .boxprop import BOX_MARGIN
 from .features import spread_points
 
 log = logging.getLogger(__name__)
 
 RESOURCE_DIR = Path(__file__).resolve().parents[1] / "fob" / "weights"  # package data (pip and the Slicer build)
 SHIPPED_WEIGHTS = RESOURCE_DIR / "fob.pt"
-MODES = ("points", "box", "box+bg", "box+points")
+MODES = ("points", "box", "box+bg", "box+points", "propagate")
+PRESENCE_SLOPE = 0.01  # correlation units per logit of the propagation presence
 
 
 class FoBGenerator:
-    """FoB prompts: ``mode`` is one of points | box | box+bg | box+points, or None for the mode recorded
-    with the weights for the backend in use (box-trained backends get a box, others points)."""
+    """FoB prompts: ``mode`` is one of points | box | box+bg | box+points | propagate, or None for
+    ``propagate`` inside a propagation and otherwise the mode recorded with the weights for the backend in
+    use (box-trained backends get a box, others points). ``min_corr`` overrides the calibrated
+    propagation threshold."""
 
     name = "fob"
 
     def __init__(self, weights: Optional[str | Path] = None, mode: Optional[str] = None, tau: float = 0.9,
-                 n_fg: Optional[int] = None, verify: bool = True) -> None:
+                 n_fg: Optional[int] = None, verify: bool = True, min_corr: Optional[float] = None) -> None:
         from ..fob.model import FoBConfig, FoBNet
 
         path = Path(weights) if weights else SHIPPED_WEIGHTS
@@ -72,6 +84,10 @@ class FoBGenerator:
         self.tau = float(tau)
         self.n_fg = int(n_fg if n_fg is not None else self.cfg.n_fg)
         self.path = path
+        calibrated = (self.meta.get("propagation") or {}).get("min_corr")
+        self.min_corr: Optional[float] = float(min_corr) if min_corr is not None else (
+            float(calibrated) if calibrated is not None else None)
+        self._prototype: Optional[tuple[Support, torch.Tensor]] = None  # the last support's, reused per query
 
     # ---- checks ---------------------------------------------------------------------------------
     def _check(self, backend, query: torch.Tensor) -> None:
@@ -84,10 +100,12 @@ class FoBGenerator:
                                  f"{self.cfg.frame_size}-pixel frame; the backend gives {query.shape[0]} channels "
                                  f"at {backend.input_size}; use matching weights.")
 
-    def prompt_mode(self, backend) -> str:
-        """The prompt mode used with ``backend``."""
+    def prompt_mode(self, backend, context: Optional[QueryContext] = None) -> str:
+        """The prompt mode used with ``backend`` (``propagate`` when ``context`` has a neighbour's answer)."""
         if self.mode:
             return self.mode
+        if context is not None and context.neighbour_mask is not None:
+            return "propagate"
         modes = self.meta.get("prompt_modes", {})
         for name in (backend.name, getattr(backend, "embedding_name", backend.name)):
             if name in modes:
@@ -114,6 +132,34 @@ class FoBGenerator:
                              align_corners=False)[0, 0].numpy()
         return {"bg": out.refined[0].numpy(), "coarse": out.coarse[0].numpy(), "corr": corr,
                 "presence": self.presence(feats), "features": feats}
+
+    @torch.no_grad()
+    def correlation(self, support: Support, query: torch.Tensor) -> np.ndarray:
+        """FoB's correlation map C (model frame, values in [0, 1]): how much each query pixel looks like
+        the support's target. The support's prototype is kept for the next query of the same support."""
+        if self._prototype is None or self._prototype[0] is not support:
+            mask = torch.from_numpy(np.asarray(support.mask, np.float32))[None]
+            self._prototype = (support, self.net.foreground_prototype(support.embedding.detach().float().cpu()[None], mask))
+        fq = self.net.features(query.detach().float().cpu()[None])
+        logits = self.net.correlation_logits(self._prototype[1], fq)
+        size = self.cfg.frame_size
+        return torch.sigmoid(F.interpolate(logits[None], size=(size, size), mode="bilinear",
+                                           align_corners=False))[0, 0].numpy()
+
+    def propagation_presence(self, support: Support, query: torch.Tensor, neighbour: np.ndarray) -> float:
+        """Presence of the target on a query next to an answered slice: FoB's correlation averaged over the
+        neighbour's answer eroded by 3 px (the whole answer when that is empty), as a probability that
+        crosses 0.5 at the calibrated threshold; 1 when these weights have no calibration."""
+        from scipy import ndimage
+
+        if self.min_corr is None:
+            return 1.0
+        core = ndimage.binary_erosion(neighbour, iterations=max(1, round(3 * self.cfg.frame_size / 256)))
+        region = core if core.any() else np.asarray(neighbour, bool)
+        if not region.any():
+            return 0.0
+        c = float(self.correlation(support, query)[region].mean())
+        return float(1.0 / (1.0 + np.exp(-(c - self.min_corr) / PRESENCE_SLOPE)))
 
     def presence(self, feats: np.ndarray) -> float:
         """Calibrated probability that the target is on the query slice (logistic model fitted at the end
@@ -153,11 +199,18 @@ class FoBGenerator:
     def generate(self, support: Support, query: torch.Tensor, context: QueryContext, backend) -> Prompts:
         """FoB prompts for one query slice (model frame)."""
         self._check(backend, query)
+        mode = self.prompt_mode(backend, context)
+        if mode == "propagate":
+            neighbour = context.neighbour_mask if context is not None and context.neighbour_mask is not None \
+                else support.mask
+            box = mask_box(neighbour, BOX_MARGIN * backend.input_size / 256.0)
+            if box is None:
+                return Prompts()
+            return Prompts(box=box, presence=self.propagation_presence(support, query, neighbour))
         valid = context.valid if context is not None else None
         p = self.predict(support, query, valid)
         size = self.cfg.frame_size
         bg = np.clip(p["bg"], 0, size - 1).astype(np.float32)
-        mode = self.prompt_mode(backend)
         fg = self.foreground_points(p["corr"], valid)
         box = self.ring_box(bg, size, valid) if mode.startswith("box") else None
         if mode == "box":

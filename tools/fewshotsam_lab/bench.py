@@ -297,7 +297,7 @@ def bench_volume(image, labels: np.ndarray, organs: list[int], fast: EncoderVari
         backend.decode = decode  # instance attribute: the engine's calls go through the timer
         encode = _Timed(backend.encode_to_host)
         backend.encode_to_host = encode
-        gen = _TimedGenerator(make_generator(DEFAULT_GENERATOR))
+        gen = _TimedGenerator(make_generator(DEFAULT_GENERATOR, sam=backend.name))
         per_organ = {}
         results = {}
         t_all = time.perf_counter()

@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                   "Train the FoB prompt generator self-supervised on unlabeled volumes."),
     "train-point-decoder": ("fewshotsam_lab.point_decoder",
                             "Fine-tune LiteMedSAM's prompt encoder and mask decoder to follow points."),
+    "calibrate-fob-extent": ("fewshotsam_lab.fob_extent",
+                             "Choose FoB's end-of-target threshold for propagation on the product protocol."),
     "precompute-embeddings": ("fewshotsam_lab.precompute",
                               "Fill the persistent embedding cache for every CHAOS volume."),
     "bench-slicer-rerun": ("fewshotsam_lab.slicer_rerun",

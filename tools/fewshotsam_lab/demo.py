@@ -202,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     write_label(image, result.mask.astype(np.uint8), out / "segmentation.nii.gz")
     write_prompts(out / "prompts.json", prompts_to_json(result, image, image=str(out / "image.nii.gz"),
-                                                        label=1, sam=session.backend.name, generator=generator))
+                                                        label=1, sam=session.backend.name, generator=result.generator))
     write_overlay(out / "overlay.png", render_overlay(image.array, image.spacing, session.intensity, result,
                                                       reference=reference))
     dice = 200.0 * (result.mask & reference).sum() / (result.mask.sum() + reference.sum())
@@ -212,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"demo: {target} in the {what} ({'x'.join(str(s) for s in image.array.shape[::-1])} voxels), painted on "
           f"axial slice {painted} only; segmented slices {seg[0]}-{seg[-1]} (reference {zs[0]}-{zs[-1]}); "
           f"Dice {dice:.1f} % against the reference; {seconds:.0f} s on {session.backend.device} "
-          f"({session.backend.name}, {generator}).")
+          f"({session.backend.name}, {result.generator}).")
     print(f"outputs in {out}/: overlay.png (yellow: result, blue: reference, light blue: SAM's box), "
           "segmentation.nii.gz, reference.nii.gz, example.nii.gz, image.nii.gz, prompts.json")
     load = "; ".join([f"slicer.util.loadVolume({json.dumps(str(out / 'image.nii.gz'))})"]
