@@ -187,11 +187,11 @@ class Episode:
 
 
 def make_episode(support_emb: torch.Tensor, support_mask: np.ndarray, query_emb: torch.Tensor,
-                 query_mask: np.ndarray, n: int, inner: int, outer: int, valid: Optional[np.ndarray] = None
-                 ) -> Episode:
+                 query_mask: np.ndarray, n: int, inner: int, outer: int, valid: Optional[np.ndarray] = None,
+                 spacing: str = "pixels") -> Episode:
     """Assemble an Episode (ring points for support and query from the same function and order)."""
-    sp = ring_points(support_mask, n, inner, outer, valid)
-    qp = ring_points(query_mask, n, inner, outer, valid)
+    sp = ring_points(support_mask, n, inner, outer, valid, spacing)
+    qp = ring_points(query_mask, n, inner, outer, valid, spacing)
     return Episode(support_emb[None].float(), torch.from_numpy(support_mask.astype(np.float32))[None],
                    torch.from_numpy(sp)[None], torch.from_numpy(outer_band(support_mask).astype(np.float32))[None],
                    query_emb[None].float(), torch.from_numpy(query_mask.astype(np.float32))[None],
@@ -235,4 +235,4 @@ class EpisodeSampler:
             if qm.sum() < 20:  # warped out of the frame: keep the original
                 qe, qm = self.emb(v, zq), v.labels[zq] == lab
         return make_episode(self.emb(v, zs), sm, qe, qm, self.cfg.n_bg, self.cfg.ring_inner,
-                            self.cfg.ring_outer, v.prepared.valid)
+                            self.cfg.ring_outer, v.prepared.valid, self.cfg.ring_spacing)
