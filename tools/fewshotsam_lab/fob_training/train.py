@@ -15,6 +15,7 @@ import csv
 import json
 import logging
 import os
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -429,6 +430,7 @@ def run(args: argparse.Namespace) -> int:
         "calibration_seconds": round(time.perf_counter() - t_cal, 1),
         "threads": int(args.threads),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python tools/lab.py train-fob " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["train-fob"] else sys.argv[1:]),
         "final_losses": rows[-1] if rows else None,
     }
     atomic_write_text(out.with_suffix(".json"), json.dumps(meta, indent=1))
