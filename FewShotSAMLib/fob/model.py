@@ -175,8 +175,8 @@ class SPR(nn.Module):
         n_in = 3 * d + N_GEO if cfg.spr_context else 2 * d
         self.offsets = nn.Sequential(nn.Linear(n_in, d), nn.ReLU(), nn.Linear(d, 2 * cfg.k_offsets))
         if cfg.spr_context:
-            # a direct linear path from the 13 geometric inputs to the offsets: through the MLP alone they
-            # are 13 of ~200 inputs and drown in the feature channels (SPR then learnt no move at all)
+            # a direct linear path from the N_GEO geometric inputs to the offsets: through the MLP alone
+            # they are 17 of ~210 inputs and drown in the feature channels (SPR then learnt no move at all)
             self.geo = nn.Linear(N_GEO, 2 * cfg.k_offsets)
             nn.init.zeros_(self.geo.weight)
             nn.init.zeros_(self.geo.bias)
@@ -233,8 +233,8 @@ class SPR(nn.Module):
         """Refine coarse points (B, Np, 2) -> (refined points (B, Np, 2), updated prototypes Q').
         ``corr`` (B, h, w) in [0, 1], ``support_points`` (B, Np, 2), the coarse ``heatmaps`` (B, Np, h, w,
         peak 1, not differentiated) and the support mask's ``support_centroid`` (B, 2) are needed with
-        ``spr_context``; the offsets are then in grid cells
-        (frame_size / grid pixels), else in pixels (paper)."""
+        ``spr_context``; the offsets are then in grid cells (frame_size / grid pixels), else in pixels
+        (paper)."""
         cfg = self.cfg
         heat = gaussian_heatmaps(coarse, query_feat.shape[-1], cfg.frame_size, cfg.sigma)
         q = weighted_pool(query_feat, heat)  # (B, Np, d)
@@ -312,8 +312,9 @@ class FoBNet(nn.Module):
                                   nn.ReLU(), nn.Conv2d(d, n, 1))
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
-        # Matching prior: exp((cos(p_i, F_q) - max) / t) peaks at 1 at each prototype's best match; the
-        # head learns a residual on it (a short CPU training cannot learn heatmaps from zero).
+        # Matching prior: exp((cos(p_i, F_q) - max) / t) peaks at 1 at each prototype's best match (with
+        # spatial_prior within a Gaussian window at the support point); the head learns a residual on it, on
+        # its logits with log_heat (a short CPU training cannot learn heatmaps from zero).
         self.prior_log_t = nn.Parameter(torch.tensor(math.log(0.05)))
         if cfg.spatial_prior:  # width of the window around each support point, learnable
             self.prior_log_sigma = nn.Parameter(torch.tensor(math.log(cfg.prior_sigma)))

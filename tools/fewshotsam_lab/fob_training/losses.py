@@ -2,7 +2,10 @@
 
 Every term has a gradient path: the coordinate loss reaches SPR through the differentiable refinement
 (offsets, softmax weights, GCN, graph), the refined heatmaps are Gaussians rendered differentiably at the
-refined points.
+refined points. Two forms of L_heat: the paper's MSE on the coarse heatmaps and on Gaussians at the refined
+points, or (default) the cross-entropy of each channel's softmax over the grid against the normalised
+target Gaussian on the coarse heat logits, SPR then learning from L_coor alone. L_coor: the paper's squared
+distance or (default) smooth-L1 in model-frame pixels (``COOR_LOSSES``).
 """
 
 from __future__ import annotations
