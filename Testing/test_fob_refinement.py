@@ -99,7 +99,7 @@ def test_spr_learns_to_move_the_coarse_points_towards_the_ring():
     out = net(ep.support_emb, ep.support_mask, ep.support_points, ep.query_emb)
     last = float(fob_losses(out, ep, cfg, wts)["coor"].detach())
     coarse = float(COOR_LOSSES["smooth_l1"](out.coarse - ep.query_points).detach())
-    assert float((out.refined - out.coarse).norm(dim=-1).mean()) > 0.5
+    assert float((out.refined - out.coarse).norm(dim=-1).mean().detach()) > 0.5
     assert last < 0.7 * first and last < 0.7 * coarse
 
 
