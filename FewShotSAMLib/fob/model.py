@@ -41,6 +41,7 @@ class FoBConfig:
     ring_spacing: str = "angle"  # ring point i: on the ray at angle i ('angle') or by ring-pixel count ('pixels')
     spatial_prior: bool = True  # matching prior windowed by a Gaussian (learnable width) at the support point
     prior_sigma: float = 24.0  # initial width of that window, model-frame pixels
+    prior_t: float = 0.05  # initial temperature of the matching prior (learnable)
     spr_context: bool = True  # SPR's offsets also see the prototype, C around the point and the support point
     log_heat: bool = True  # head residual added to the prior's logits (heatmap = exp(logits - max)), not to the prior
 
@@ -315,7 +316,7 @@ class FoBNet(nn.Module):
         # Matching prior: exp((cos(p_i, F_q) - max) / t) peaks at 1 at each prototype's best match (with
         # spatial_prior within a Gaussian window at the support point); the head learns a residual on it, on
         # its logits with log_heat (a short CPU training cannot learn heatmaps from zero).
-        self.prior_log_t = nn.Parameter(torch.tensor(math.log(0.05)))
+        self.prior_log_t = nn.Parameter(torch.tensor(math.log(cfg.prior_t)))
         if cfg.spatial_prior:  # width of the window around each support point, learnable
             self.prior_log_sigma = nn.Parameter(torch.tensor(math.log(cfg.prior_sigma)))
         self.spr = SPR(cfg)

@@ -140,7 +140,7 @@ def find_pairs(labels: np.ndarray, min_pixels: int = 200, excluded: Optional[np.
 
 def load_volume_episodes(image_path: Path, backend, cache_dir: Path, *, min_pixels: int = 200,
                          exclude_labels: Sequence[int] = (), label_path: Optional[Path] = None,
-                         supervoxel_kwargs: Optional[dict] = None):
+                         supervoxel_kwargs: Optional[dict] = None, max_gap: int = 1):
     """Read one volume, compute (or load cached) supervoxels and its episode pairs."""
     from FewShotSAMLib.slices import PreparedVolume
     from FewShotSAMLib.volume import choose_intensity, normalise, read_volume
@@ -169,7 +169,7 @@ def load_volume_episodes(image_path: Path, backend, cache_dir: Path, *, min_pixe
         lab = read_volume(label_path, "label").array
         excluded = np.isin(np.moveaxis(lab, 0, 0), list(exclude_labels)).any(axis=(1, 2))
     mlabels = model_frame_labels(pv, labels)
-    pairs, ends = find_pairs(mlabels, min_pixels, excluded)
+    pairs, ends = find_pairs(mlabels, min_pixels, excluded, max_gap)
     return VolumeEpisodes(image_path.name, pv, mlabels, pairs, ends)
 
 

@@ -75,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-spatial-prior", action="store_true",
                         help="matching prior over the whole query (first recipe) instead of a window at the support point")
     parser.add_argument("--prior-sigma", type=float, default=24.0, help="initial window width (model-frame px)")
+    parser.add_argument("--prior-t", type=float, default=0.05, help="initial temperature of the matching prior")
+    parser.add_argument("--max-gap", type=int, default=1,
+                        help="training pairs up to this many slices apart (1: adjacent; held-back episodes stay adjacent)")
     parser.add_argument("--no-spr-context", action="store_true",
                         help="SPR offsets from query features only (paper) instead of with prototype, C and support point")
     parser.add_argument("--calibration-episodes", type=int, default=150)
@@ -130,13 +133,13 @@ def _heldback_list(args) -> list[tuple[int, Path, Optional[Path]]]:
     return [c for c in cases if c[0] in test and c[0] not in train_ids]
 
 
-def _load_volumes(args, cases, backend, cache) -> list:
+def _load_volumes(args, cases, backend, cache, max_gap: int = 1) -> list:
     """Episode pairs of each volume (supervoxels cached under --work-dir); with --cached-only only pairs
     whose two slices are in the embedding cache, else the missing slices are encoded."""
     volumes = []
     for vid, img, lab in cases:
         v = load_volume_episodes(img, backend, Path(args.work_dir), exclude_labels=args.exclude_labels,
-                                 label_path=lab)
+                                 label_path=lab, max_gap=max_gap)
         if args.cached_only:
             have = {z for z in range(v.prepared.n_slices) if v.prepared.key(z) in cache}
             v.pairs = [p for p in v.pairs if p[0] in have and p[1] in have]
@@ -316,10 +319,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = FoBConfig(dim=args.dim, token_grid=args.token_grid, ring_inner=args.ring[0], ring_outer=args.ring[1],
                     use_bcm=not args.no_bcm, use_spr=not args.no_spr, use_ring_graph=not args.no_ring_graph,
                     frame_size=backend.input_size, ring_spacing=args.ring_spacing,
-                    spatial_prior=not args.no_spatial_prior, prior_sigma=args.prior_sigma,
+                    spatial_prior=not args.no_spatial_prior, prior_sigma=args.prior_sigma, prior_t=args.prior_t,
                     spr_context=not args.no_spr_context, log_heat=not args.no_log_heat)
     t_prep = time.perf_counter()
-    volumes = _load_volumes(args, _volume_list(args), backend, cache)
+    volumes = _load_volumes(args, _volume_list(args), backend, cache, args.max_gap)
     used = [v.name for v in volumes]
     eval_cases = _heldback_list(args)
     heldback = _load_volumes(args, eval_cases, backend, cache) if eval_cases else []
@@ -413,7 +416,7 @@ def run(args: argparse.Namespace) -> int:
         "config": cfg.to_dict(),
         "calibration": calib,
         "iterations": int(args.iterations),
-        "lr": args.lr, "lr_decay_per_1k": args.decay, "seed": args.seed,
+        "lr": args.lr, "lr_decay_per_1k": args.decay, "seed": args.seed, "max_gap": args.max_gap,
         "loss_weights": {"lambda_heat": weights.lambda_heat, "lambda_coor": weights.lambda_coor,
                          "coor_loss": weights.coor_loss, "heat_loss": weights.heat_loss,
                          "temperature": weights.temperature},
