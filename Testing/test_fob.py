@@ -8,6 +8,7 @@ ring orders agree, and inference needs no query mask.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 from pathlib import Path
 
@@ -250,7 +251,7 @@ def test_train_resumes_from_its_checkpoint(tmp_path):
     out = tmp_path / "fob.pt"
     base = ["--data", str(DATA), "--out", str(out), "--volumes", "1", "--cached-only", "--cache-dir", str(cache_dir),
             "--work-dir", str(REPO / ".cache" / "fob"), "--checkpoint-every", "2", "--calibration-episodes", "3",
-            "--dim", "16", "--token-grid", "16"]
+            "--dim", "16", "--token-grid", "16", "--eval-fold", "1", "--eval-episodes", "2", "--eval-every", "2"]
     try:
         assert train.run(parser.parse_args(base + ["--iterations", "2"])) == 0
     except UserInputError as exc:
@@ -262,6 +263,12 @@ def test_train_resumes_from_its_checkpoint(tmp_path):
     assert torch.load(out.with_name("fob.resume.pt"), weights_only=False)["iteration"] == 4
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["iterations"] == 4 and meta["sam_backend"] == "litemedsam"
+    # held-back evaluation on fold 1's volumes (volume 1 is not among them): logged and in the metadata
+    assert meta["heldback"]["volumes"] and "image_1.nii.gz" not in meta["heldback"]["volumes"]
+    assert all(meta["heldback"]["final"][k] >= 0 for k in ("coarse", "refined", "support", "aug_coarse"))
+    rows = list(csv.DictReader(open(out.with_name("fob.log.csv"))))
+    assert rows[0]["iteration"] == "0" and rows[0]["hb_coarse"] and rows[-1]["hb_refined"]
+    assert meta["loss_weights"]["heat_loss"] == "ce" and meta["command"].startswith("python tools/lab.py train-fob")
     assert out.with_name("fob.loss.png").exists() and out.with_name("fob.log.csv").exists()
     second = torch.load(out, weights_only=False)["state_dict"]
     assert any(not torch.equal(first[k], second[k]) for k in first)

@@ -14,12 +14,16 @@ import torch
 from ..prompts.features import ring
 
 
-def ring_points(mask: np.ndarray, n: int, inner: int, outer: int, valid: Optional[np.ndarray] = None) -> np.ndarray:
-    """``n`` (row, col) points spread uniformly along the ring between two square dilations of ``mask``,
-    in a fixed order: clockwise by angle around the mask's centroid, starting straight up (smallest row).
+def ring_points(mask: np.ndarray, n: int, inner: int, outer: int, valid: Optional[np.ndarray] = None,
+                spacing: str = "pixels") -> np.ndarray:
+    """``n`` (row, col) points on the ring between two square dilations of ``mask``, in a fixed order:
+    clockwise by angle around the mask's centroid, starting straight up (smallest row).
 
-    Uniform means equal numbers of ring pixels between consecutive points in that angular order. Returns
-    float32 (n, 2); an empty mask gives an empty array.
+    ``spacing='pixels'``: equal numbers of ring pixels between consecutive points in that angular order.
+    ``spacing='angle'``: point i is the outermost ring pixel on the ray at angle (i + 0.5) * 360 / n degrees
+    from the centroid (the ring pixels within 0.05 rad of the ray's closest one). Angles are stable when the
+    shape changes between slices, pixel counts are not: a bulge on one side shifts every pixel-spaced
+    point along the ring. Returns float32 (n, 2); an empty mask gives an empty array.
     """
     m = np.asarray(mask, bool)
     if not m.any():
@@ -35,9 +39,18 @@ def ring_points(mask: np.ndarray, n: int, inner: int, outer: int, valid: Optiona
     cr, cc = np.nonzero(m)
     r0, c0 = cr.mean(), cc.mean()
     ang = np.mod(np.arctan2(cols - c0, -(rows - r0)), 2 * np.pi)  # 0 = up, increasing clockwise
-    order = np.lexsort((np.hypot(rows - r0, cols - c0), ang))
-    pick = ((np.arange(n) + 0.5) * len(order) / n).astype(int).clip(0, len(order) - 1)
-    sel = order[pick]
+    radius = np.hypot(rows - r0, cols - c0)
+    if spacing == "angle":
+        rays = (np.arange(n) + 0.5) * 2 * np.pi / n
+        d = np.abs(np.angle(np.exp(1j * (ang[None, :] - rays[:, None]))))  # (n, pixels) angular distance
+        near = d <= d.min(1, keepdims=True) + 0.05
+        sel = np.where(near, radius[None, :], -1.0).argmax(1)
+    elif spacing == "pixels":
+        order = np.lexsort((radius, ang))
+        pick = ((np.arange(n) + 0.5) * len(order) / n).astype(int).clip(0, len(order) - 1)
+        sel = order[pick]
+    else:
+        raise ValueError(f"ring spacing '{spacing}' is not 'pixels' or 'angle'")
     return np.stack([rows[sel], cols[sel]], 1).astype(np.float32)
 
 

@@ -38,6 +38,15 @@ class FoBConfig:
     use_bcm: bool = True  # ablation switches
     use_spr: bool = True
     use_ring_graph: bool = True
+    ring_spacing: str = "angle"  # ring point i: on the ray at angle i ('angle') or by ring-pixel count ('pixels')
+    spatial_prior: bool = True  # matching prior windowed by a Gaussian (learnable width) at the support point
+    prior_sigma: float = 24.0  # initial width of that window, model-frame pixels
+    prior_t: float = 0.05  # initial temperature of the matching prior (learnable)
+    spr_context: bool = True  # SPR's offsets also see the prototype, C around the point and the support point
+    log_heat: bool = True  # head residual added to the prior's logits (heatmap = exp(logits - max)), not to the prior
+
+    #: values of the fields above for weights saved before they existed (their behaviour then)
+    LEGACY = {"ring_spacing": "pixels", "spatial_prior": False, "spr_context": False, "log_heat": False}
 
     def to_dict(self) -> dict:
         """Plain dict for JSON."""
@@ -45,7 +54,8 @@ class FoBConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "FoBConfig":
-        """Inverse of :meth:`to_dict`, ignoring unknown keys."""
+        """Inverse of :meth:`to_dict`, ignoring unknown keys; a missing newer field takes its legacy value."""
+        d = {**cls.LEGACY, **d}
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -137,6 +147,19 @@ class MaskedAttentionLayer(nn.Module):
         return self.ln2(self.ffn(x) + x)
 
 
+def _peak_one(logits: torch.Tensor) -> torch.Tensor:
+    """exp(logits - per-channel max): heatmaps with peak 1."""
+    return torch.exp(logits - logits.flatten(2).max(-1).values[..., None, None])
+
+
+#: the 3 x 3 stencil (row, col) on which SPR's context samples C
+STENCIL = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 0), (0, 1), (1, -1), (1, 0), (1, 1)]
+
+
+#: geometric inputs of SPR's offsets with ``spr_context``: the C stencil and four relative positions
+N_GEO = len(STENCIL) + 8
+
+
 class SPR(nn.Module):
     """Structure-guided prompt refinement: support graph -> GCN on query prototypes -> deformable
     refinement of the coarse coordinates (Eq. 8-15)."""
@@ -149,7 +172,15 @@ class SPR(nn.Module):
         self.w_phi = nn.Linear(d, d, bias=False)
         self.alpha_logit = nn.Parameter(torch.zeros(()))
         self.w_g = nn.Linear(d, d, bias=False)
-        self.offsets = nn.Sequential(nn.Linear(2 * d, d), nn.ReLU(), nn.Linear(d, 2 * cfg.k_offsets))
+        # context (spr_context): the point's support prototype and N_GEO geometric inputs (``context``)
+        n_in = 3 * d + N_GEO if cfg.spr_context else 2 * d
+        self.offsets = nn.Sequential(nn.Linear(n_in, d), nn.ReLU(), nn.Linear(d, 2 * cfg.k_offsets))
+        if cfg.spr_context:
+            # a direct linear path from the N_GEO geometric inputs to the offsets: through the MLP alone
+            # they are 17 of ~210 inputs and drown in the feature channels (SPR then learnt no move at all)
+            self.geo = nn.Linear(N_GEO, 2 * cfg.k_offsets)
+            nn.init.zeros_(self.geo.weight)
+            nn.init.zeros_(self.geo.bias)
         self.w_att = nn.Linear(d, cfg.k_offsets, bias=False)
         ring = torch.zeros(n, n)
         for i in range(n):
@@ -173,9 +204,38 @@ class SPR(nn.Module):
             return a_ada
         return self.alpha * a_ada + (1 - self.alpha) * self.ring[None]
 
-    def forward(self, support_protos: torch.Tensor, query_feat: torch.Tensor, coarse: torch.Tensor
+    def context(self, support_protos: torch.Tensor, corr: torch.Tensor, support_points: torch.Tensor,
+                mu: torch.Tensor, centre_of_mass: torch.Tensor, support_centroid: torch.Tensor) -> torch.Tensor:
+        """(B, Np, d + N_GEO) what the offsets see besides the query features (``spr_context``): the support
+        prototype, then C on a 3 x 3 stencil of +-2 grid cells around the current point and four candidate
+        positions relative to it (in 8-cell units): the support point; the centre of mass of the point's
+        coarse heatmap near it; the support ring translated to the query ring's estimated centre (the mean
+        of the current points plus the support's centroid-to-ring-mean offset); and the current point
+        projected onto its ray from that centre (direction of the support point from the support centroid),
+        which removes the error along the ring."""
+        cfg = self.cfg
+        cell = cfg.frame_size / corr.shape[-1]
+        b, n, _ = mu.shape
+        st = torch.tensor(STENCIL, dtype=mu.dtype, device=mu.device) * 2 * cell  # (9, 2)
+        pts = (mu[:, :, None, :] + st).reshape(b, n * len(STENCIL), 2)
+        c = bilinear_sample(corr[:, None], pts, cfg.frame_size).reshape(b, n, len(STENCIL))
+        centre = mu.mean(1, keepdim=True) + support_centroid[:, None] - support_points.mean(1, keepdim=True)
+        spoke = support_points - support_centroid[:, None]  # (B, Np, 2)
+        translated = centre + spoke
+        u = spoke / spoke.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        projected = centre + ((mu - centre) * u).sum(-1, keepdim=True).clamp_min(0) * u
+        rel = [(x - mu) / (8 * cell) for x in (support_points, centre_of_mass, translated, projected)]
+        return torch.cat([support_protos, c] + rel, -1)
+
+    def forward(self, support_protos: torch.Tensor, query_feat: torch.Tensor, coarse: torch.Tensor,
+                corr: Optional[torch.Tensor] = None, support_points: Optional[torch.Tensor] = None,
+                heatmaps: Optional[torch.Tensor] = None, support_centroid: Optional[torch.Tensor] = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Refine coarse points (B, Np, 2) -> (refined points (B, Np, 2), updated prototypes Q')."""
+        """Refine coarse points (B, Np, 2) -> (refined points (B, Np, 2), updated prototypes Q').
+        ``corr`` (B, h, w) in [0, 1], ``support_points`` (B, Np, 2), the coarse ``heatmaps`` (B, Np, h, w,
+        peak 1, not differentiated) and the support mask's ``support_centroid`` (B, 2) are needed with
+        ``spr_context``; the offsets are then in grid cells (frame_size / grid pixels), else in pixels
+        (paper)."""
         cfg = self.cfg
         heat = gaussian_heatmaps(coarse, query_feat.shape[-1], cfg.frame_size, cfg.sigma)
         q = weighted_pool(query_feat, heat)  # (B, Np, d)
@@ -188,8 +248,21 @@ class SPR(nn.Module):
         mu = coarse
         f = q2
         b, n, _ = mu.shape
+        unit = cfg.frame_size / query_feat.shape[-1] if cfg.spr_context else 1.0
+        if cfg.spr_context:  # the heatmap's centre of mass within 2 cells (sigma) of the coarse point
+            wgt = heatmaps.detach() * gaussian_heatmaps(coarse, query_feat.shape[-1], cfg.frame_size, 2 * unit)
+            h = query_feat.shape[-1]
+            centres = (torch.arange(h, dtype=coarse.dtype, device=coarse.device) + 0.5) * unit - 0.5
+            tot = wgt.sum((-2, -1)).clamp_min(1e-12)
+            com = torch.stack([(wgt.sum(-1) * centres).sum(-1) / tot, (wgt.sum(-2) * centres).sum(-1) / tot], -1)
         for _ in range(cfg.iterations):
-            off = self.offsets(torch.cat([q2, f], -1)).reshape(b, n, cfg.k_offsets, 2)
+            if cfg.spr_context:
+                ctx = self.context(support_protos, corr, support_points, mu, com, support_centroid)
+                geo = ctx[..., support_protos.shape[-1]:]
+                off = self.offsets(torch.cat([q2, f, ctx], -1)) + 8 * self.geo(geo)  # geo: 8-cell units in and out
+            else:
+                off = self.offsets(torch.cat([q2, f], -1))
+            off = unit * off.reshape(b, n, cfg.k_offsets, 2)
             cand = mu[:, :, None, :] + off  # (B, Np, k, 2)
             mu = (w[..., None] * cand).sum(2)
             sampled = bilinear_sample(query_feat, cand.reshape(b, n * cfg.k_offsets, 2), cfg.frame_size)
@@ -210,6 +283,7 @@ class FoBOutput:
     fg_proto: torch.Tensor  # (B, d)
     support_feat: torch.Tensor  # (B, d, h, w)
     query_feat: torch.Tensor  # (B, d, h, w)
+    heat_logits: Optional[torch.Tensor] = None  # (B, Np, h, w) log heatmaps (log_heat or no BCM), else None
 
     @property
     def corr(self) -> torch.Tensor:
@@ -239,16 +313,35 @@ class FoBNet(nn.Module):
                                   nn.ReLU(), nn.Conv2d(d, n, 1))
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
-        # Matching prior: exp((cos(p_i, F_q) - max) / t) peaks at 1 at each prototype's best match; the
-        # head learns a residual on it (a short CPU training cannot learn heatmaps from zero).
-        self.prior_log_t = nn.Parameter(torch.tensor(math.log(0.05)))
+        # Matching prior: exp((cos(p_i, F_q) - max) / t) peaks at 1 at each prototype's best match (with
+        # spatial_prior within a Gaussian window at the support point); the head learns a residual on it, on
+        # its logits with log_heat (a short CPU training cannot learn heatmaps from zero).
+        self.prior_log_t = nn.Parameter(torch.tensor(math.log(cfg.prior_t)))
+        if cfg.spatial_prior:  # width of the window around each support point, learnable
+            self.prior_log_sigma = nn.Parameter(torch.tensor(math.log(cfg.prior_sigma)))
         self.spr = SPR(cfg)
 
-    def matching_prior(self, protos: torch.Tensor, fq: torch.Tensor) -> torch.Tensor:
-        """(B, Np, h, w) sharpened cosine match of each prompt prototype against the query features."""
+    def prior_logits(self, protos: torch.Tensor, fq: torch.Tensor, support_points: Optional[torch.Tensor] = None
+                     ) -> torch.Tensor:
+        """(B, Np, h, w) log of the matching prior (up to a constant): cos / t, with ``spatial_prior`` minus
+        the squared distance to the prototype's support point over 2 sigma^2."""
         cos = torch.einsum("bnd,bdhw->bnhw", F.normalize(protos, dim=-1), F.normalize(fq, dim=1))
-        top = cos.flatten(2).max(-1).values[..., None, None]
-        return torch.exp((cos - top) / self.prior_log_t.exp())
+        logit = cos / self.prior_log_t.exp()
+        if self.cfg.spatial_prior and support_points is not None:
+            h = fq.shape[-1]
+            scale = self.cfg.frame_size / h
+            centres = (torch.arange(h, dtype=fq.dtype, device=fq.device) + 0.5) * scale - 0.5
+            d2 = ((centres - support_points[..., 0, None]) ** 2)[..., :, None] + \
+                 ((centres - support_points[..., 1, None]) ** 2)[..., None, :]
+            logit = logit - d2 / (2.0 * self.prior_log_sigma.exp() ** 2)
+        return logit
+
+    def matching_prior(self, protos: torch.Tensor, fq: torch.Tensor, support_points: Optional[torch.Tensor] = None
+                       ) -> torch.Tensor:
+        """(B, Np, h, w) sharpened cosine match of each prompt prototype against the query features, peak 1;
+        with ``spatial_prior`` times a Gaussian window at the prototype's support point (the query's target
+        lies near the support's: adjacent slices, or the same anatomy in another volume)."""
+        return _peak_one(self.prior_logits(protos, fq, support_points))
 
     def features(self, embedding: torch.Tensor) -> torch.Tensor:
         """(B, Cin, h, w) SAM embedding -> (B, d, h, w) adapted features."""
@@ -294,16 +387,27 @@ class FoBNet(nn.Module):
             mod = self.transformer(tokens, bias).transpose(1, 2).reshape(-1, cfg.dim, tg, tg)
             if tg != h:
                 mod = F.interpolate(mod, size=(h, h), mode="bilinear", align_corners=False)
-            heat = self.matching_prior(protos, fq) + self.head(torch.cat([mod + fsup, phi], 1))
+            residual = self.head(torch.cat([mod + fsup, phi], 1))
+            if cfg.log_heat:
+                heat_logits = self.prior_logits(protos, fq, support_points) + residual
+                heat = _peak_one(heat_logits)
+            else:
+                heat_logits = None
+                heat = self.matching_prior(protos, fq, support_points) + residual
         else:  # ablation: plain prototype matching (cosine of prompt prototypes against query features)
-            heat = self.matching_prior(protos, fq)
+            heat_logits = self.prior_logits(protos, fq, support_points)
+            heat = _peak_one(heat_logits)
         coarse = grid_argmax(heat.detach(), cfg.frame_size)
         if cfg.use_spr:
-            refined, _ = self.spr(protos, fq, coarse)
+            sm = support_mask.float()
+            coords = torch.arange(sm.shape[-1], dtype=sm.dtype, device=sm.device)
+            tot = sm.sum((-2, -1)).clamp_min(1e-6)
+            centroid = torch.stack([(sm.sum(-1) * coords).sum(-1) / tot, (sm.sum(-2) * coords).sum(-1) / tot], -1)
+            refined, _ = self.spr(protos, fq, coarse, torch.sigmoid(corr_logits), support_points, heat, centroid)
         else:
             refined = coarse + 0.0 * heat.sum()  # keeps the graph connected for a uniform loss
         refined_heat = gaussian_heatmaps(refined, h, cfg.frame_size, cfg.sigma)
-        return FoBOutput(corr_logits, heat, coarse, refined, refined_heat, protos, fg_proto, fs, fq)
+        return FoBOutput(corr_logits, heat, coarse, refined, refined_heat, protos, fg_proto, fs, fq, heat_logits)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -120,7 +120,7 @@ class FoBGenerator:
 
         cfg = self.cfg
         smask = np.asarray(support.mask, bool)
-        sp = ring_points(smask, cfg.n_bg, cfg.ring_inner, cfg.ring_outer, valid)
+        sp = ring_points(smask, cfg.n_bg, cfg.ring_inner, cfg.ring_outer, valid, cfg.ring_spacing)
         if len(sp) == 0:
             raise UserInputError("The support mask is empty: paint the target on the example slice.")
         out = self.net(support.embedding.detach().float().cpu()[None], torch.from_numpy(smask.astype(np.float32))[None],

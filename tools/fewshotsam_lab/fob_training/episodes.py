@@ -140,7 +140,7 @@ def find_pairs(labels: np.ndarray, min_pixels: int = 200, excluded: Optional[np.
 
 def load_volume_episodes(image_path: Path, backend, cache_dir: Path, *, min_pixels: int = 200,
                          exclude_labels: Sequence[int] = (), label_path: Optional[Path] = None,
-                         supervoxel_kwargs: Optional[dict] = None):
+                         supervoxel_kwargs: Optional[dict] = None, max_gap: int = 1):
     """Read one volume, compute (or load cached) supervoxels and its episode pairs."""
     from FewShotSAMLib.slices import PreparedVolume
     from FewShotSAMLib.volume import choose_intensity, normalise, read_volume
@@ -169,7 +169,7 @@ def load_volume_episodes(image_path: Path, backend, cache_dir: Path, *, min_pixe
         lab = read_volume(label_path, "label").array
         excluded = np.isin(np.moveaxis(lab, 0, 0), list(exclude_labels)).any(axis=(1, 2))
     mlabels = model_frame_labels(pv, labels)
-    pairs, ends = find_pairs(mlabels, min_pixels, excluded)
+    pairs, ends = find_pairs(mlabels, min_pixels, excluded, max_gap)
     return VolumeEpisodes(image_path.name, pv, mlabels, pairs, ends)
 
 
@@ -187,11 +187,11 @@ class Episode:
 
 
 def make_episode(support_emb: torch.Tensor, support_mask: np.ndarray, query_emb: torch.Tensor,
-                 query_mask: np.ndarray, n: int, inner: int, outer: int, valid: Optional[np.ndarray] = None
-                 ) -> Episode:
+                 query_mask: np.ndarray, n: int, inner: int, outer: int, valid: Optional[np.ndarray] = None,
+                 spacing: str = "pixels") -> Episode:
     """Assemble an Episode (ring points for support and query from the same function and order)."""
-    sp = ring_points(support_mask, n, inner, outer, valid)
-    qp = ring_points(query_mask, n, inner, outer, valid)
+    sp = ring_points(support_mask, n, inner, outer, valid, spacing)
+    qp = ring_points(query_mask, n, inner, outer, valid, spacing)
     return Episode(support_emb[None].float(), torch.from_numpy(support_mask.astype(np.float32))[None],
                    torch.from_numpy(sp)[None], torch.from_numpy(outer_band(support_mask).astype(np.float32))[None],
                    query_emb[None].float(), torch.from_numpy(query_mask.astype(np.float32))[None],
@@ -235,4 +235,4 @@ class EpisodeSampler:
             if qm.sum() < 20:  # warped out of the frame: keep the original
                 qe, qm = self.emb(v, zq), v.labels[zq] == lab
         return make_episode(self.emb(v, zs), sm, qe, qm, self.cfg.n_bg, self.cfg.ring_inner,
-                            self.cfg.ring_outer, v.prepared.valid)
+                            self.cfg.ring_outer, v.prepared.valid, self.cfg.ring_spacing)
