@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import CHAOS_DIR as DATA
+from conftest import SHARED_EMBEDDINGS
 from FewShotSAMLib.errors import UserInputError
 from FewShotSAMLib.fob.inference import ring_points
 from FewShotSAMLib.fob.model import FoBConfig, FoBNet, bilinear_sample, gaussian_heatmaps, grid_argmax
@@ -240,22 +241,28 @@ def test_shipped_weights_load_and_match_metadata():
 
 # ---- training: resumes after an interruption --------------------------------------------------------
 @pytest.mark.skipif(not DATA.exists(), reason="CHAOS data absent (../shared/data/chaos_t2)")
-def test_train_resumes_from_its_checkpoint(tmp_path):
-    """Two tiny trainings on one cached volume: the second, asked for more iterations, resumes."""
+def test_train_resumes_from_its_checkpoint(tmp_path, litemedsam):
+    """Two tiny trainings on one cached volume: the second, asked for more iterations, resumes; a held-back
+    volume of the evaluation fold is evaluated along the way."""
+    from fewshotsam_lab import evaluate as E
     from fewshotsam_lab.fob_training import train
-    cache_dir = REPO / ".cache" / "embeddings"
-    if not cache_dir.exists():
-        pytest.skip("no persistent embedding cache (.cache/embeddings); run python tools/lab.py precompute-embeddings")
+    from FewShotSAMLib.sam.cache import EmbeddingCache
+
+    cache_dir = SHARED_EMBEDDINGS
+    # volume 1 to train on, volume 2 (fold 0, not trained on) held back: both in the shared cache first,
+    # as --cached-only trains and evaluates only on cached slices (a fresh clone has none)
+    store = E.CaseStore([c for c in E.list_cases(DATA) if c[0] in (1, 2)], litemedsam,
+                        EmbeddingCache(litemedsam, persist_dir=cache_dir))
+    for vid in (1, 2):
+        pv = store.get(vid).prepared
+        pv.encode(store.cache, range(pv.n_slices))
     parser = argparse.ArgumentParser()
     train.add_arguments(parser)
     out = tmp_path / "fob.pt"
     base = ["--data", str(DATA), "--out", str(out), "--volumes", "1", "--cached-only", "--cache-dir", str(cache_dir),
             "--work-dir", str(REPO / ".cache" / "fob"), "--checkpoint-every", "2", "--calibration-episodes", "3",
-            "--dim", "16", "--token-grid", "16", "--eval-fold", "1", "--eval-episodes", "2", "--eval-every", "2"]
-    try:
-        assert train.run(parser.parse_args(base + ["--iterations", "2"])) == 0
-    except UserInputError as exc:
-        pytest.skip(f"volume 1 not cached yet: {exc}")
+            "--dim", "16", "--token-grid", "16", "--eval-fold", "0", "--eval-episodes", "2", "--eval-every", "2"]
+    assert train.run(parser.parse_args(base + ["--iterations", "2"])) == 0
     resume = torch.load(out.with_name("fob.resume.pt"), weights_only=False)
     assert resume["iteration"] == 2
     first = torch.load(out, weights_only=False)["state_dict"]
@@ -263,8 +270,8 @@ def test_train_resumes_from_its_checkpoint(tmp_path):
     assert torch.load(out.with_name("fob.resume.pt"), weights_only=False)["iteration"] == 4
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["iterations"] == 4 and meta["sam_backend"] == "litemedsam"
-    # held-back evaluation on fold 1's volumes (volume 1 is not among them): logged and in the metadata
-    assert meta["heldback"]["volumes"] and "image_1.nii.gz" not in meta["heldback"]["volumes"]
+    # held-back evaluation on fold 0's cached volumes other than the training volume 1: logged and in the metadata
+    assert "image_2.nii.gz" in meta["heldback"]["volumes"] and "image_1.nii.gz" not in meta["heldback"]["volumes"]
     assert all(meta["heldback"]["final"][k] >= 0 for k in ("coarse", "refined", "support", "aug_coarse"))
     rows = list(csv.DictReader(open(out.with_name("fob.log.csv"))))
     assert rows[0]["iteration"] == "0" and rows[0]["hb_coarse"] and rows[-1]["hb_refined"]
