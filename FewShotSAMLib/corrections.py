@@ -11,6 +11,7 @@ import numpy as np
 from scipy import ndimage
 
 from .prompt_types import Prompts
+from .shape import label_components
 
 
 def changes_at_points(previous: np.ndarray, new: np.ndarray, fg: np.ndarray, bg: np.ndarray,
@@ -25,7 +26,7 @@ def changes_at_points(previous: np.ndarray, new: np.ndarray, fg: np.ndarray, bg:
     for region, points, value in ((new & ~previous, fg, True), (previous & ~new, bg, False)):
         if not region.any() or not len(points):
             continue
-        labels, _ = ndimage.label(region, structure=np.ones((3, 3), bool))
+        labels, _ = label_components(region)
         at = np.zeros(region.shape, bool)
         rc = np.round(np.asarray(points, float)).astype(int).reshape(-1, 2)
         ok = (rc[:, 0] >= 0) & (rc[:, 0] < region.shape[0]) & (rc[:, 1] >= 0) & (rc[:, 1] < region.shape[1])

@@ -541,29 +541,27 @@ class VolumeSession:
         edits = {k: p if isinstance(p, SlicePrompts) else SlicePrompts.from_dict(k, p) for k, p in prompts.items()}
         order = sorted(edits)
         pv.encode(self.cache, order)
+        before = np.moveaxis(previous, axis, 0) if previous is not None else None
         for done, k in enumerate(order, 1):
             if cancel is not None and cancel():
                 raise CancelledError("cancelled")
             sp = edits[k]
             support = min(painted, key=lambda s: abs(s - k))
-            if sp.pieces:
-                parts = [(self.prompts_from_voxels(axis, pp.fg, pp.bg, pp.box), pp) for pp in sp.pieces]
-            else:
-                mp = self.prompts_from_voxels(axis, sp.fg, sp.bg, sp.box)
-                parts = [(m, sp) for m in (mp if isinstance(mp, list) else [mp])]
+            given_parts = sp.pieces or [sp]
+            parts = [(self.prompts_from_voxels(axis, pp.fg, pp.bg, pp.box), pp) for pp in given_parts]
             answers = []
             out[k] = False
-            # several boxes in one piece: each its own
+            # several boxes in one entry: each its own
             flat = [(m, given) for mp, given in parts for m in (mp if isinstance(mp, list) else [mp])]
-            if previous is not None:
-                decoded = self.with_previous_answer(axis, [m for m, _ in flat], np.moveaxis(previous, axis, 0)[k])
+            if before is not None:
+                decoded = self.with_previous_answer(axis, [m for m, _ in flat], before[k])
                 flat = [(m, given) for m, (_, given) in zip(decoded, flat)]
             for m, given in flat:
                 mask2d, score = self.decode_slice(axis, k, m)
                 out[k] |= mask2d
                 answers.append(PieceAnswer(m, score, self._hole_points_of(axis, m, given.hole_bg)))
-            if previous is not None and (len(sp.fg) or len(sp.bg)):
-                out[k] = self.corrected_slice(axis, np.moveaxis(previous, axis, 0)[k], out[k], sp.fg, sp.bg)
+            if before is not None and (len(sp.fg) or len(sp.bg)):
+                out[k] = self.corrected_slice(axis, before[k], out[k], sp.fg, sp.bg)
             result.prompts[k] = self._slice_prompts(axis, k, answers, support)
             result.scores[k] = float(np.mean([a.score for a in answers])) if answers else 0.0
             if progress is not None:

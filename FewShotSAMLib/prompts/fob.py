@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -30,8 +31,7 @@ import torch.nn.functional as F
 from ..errors import UserInputError
 from ..prompt_types import Prompts, QueryContext, Support
 from ..sam.weights import sha256_of
-from ..shape import mask_box
-from .boxprop import BOX_MARGIN
+from .boxprop import BoxPropagation
 from .features import spread_points
 
 log = logging.getLogger(__name__)
@@ -200,13 +200,12 @@ class FoBGenerator:
         """FoB prompts for one query slice (model frame)."""
         self._check(backend, query)
         mode = self.prompt_mode(backend, context)
-        if mode == "propagate":
-            neighbour = context.neighbour_mask if context is not None and context.neighbour_mask is not None \
-                else support.mask
-            box = mask_box(neighbour, BOX_MARGIN * backend.input_size / 256.0)
-            if box is None:
-                return Prompts()
-            return Prompts(box=box, presence=self.propagation_presence(support, query, neighbour))
+        if mode == "propagate":  # box propagation's prompts, FoB's presence
+            prompts = BoxPropagation().generate(support, query, context, backend)
+            if prompts.is_empty:
+                return prompts
+            neighbour = context.neighbour_mask if context.neighbour_mask is not None else support.mask
+            return replace(prompts, presence=self.propagation_presence(support, query, neighbour))
         valid = context.valid if context is not None else None
         p = self.predict(support, query, valid)
         size = self.cfg.frame_size
