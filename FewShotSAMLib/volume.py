@@ -287,8 +287,13 @@ def looks_like_ct(array: np.ndarray, metadata: Optional[dict] = None) -> bool:
     if metadata and metadata.get("modality"):
         return metadata["modality"].upper() == "CT"
     sample = array.reshape(-1)[:: max(1, array.size // 200000)].astype(np.float32)
-    lo, hi = np.percentile(sample, [1, 99.9])
     integral = np.allclose(sample[:1000], np.round(sample[:1000]))
+    floor = float(sample.min()) if sample.size else 0.0
+    if floor < -1100:  # scanners pad outside the reconstructed field of view with one value (-2048, -3024)
+        sample = sample[sample != floor]
+    if not sample.size:
+        return False
+    lo, hi = np.percentile(sample, [1, 99.9])
     return bool(integral and -1100 <= lo <= -500 and hi < 4000)
 
 

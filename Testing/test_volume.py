@@ -106,6 +106,10 @@ def test_intensity_ct_window_and_mri_percentiles():
     it = choose_intensity(ct)
     assert it.kind == "ct-window" and (it.low, it.high) == (-160, 240)
     assert choose_intensity(ct, window=(400, 1800)).low == -500
+    padded = ct.copy()
+    padded[:, :, :8] = -2048  # padding outside the scanner's field of view
+    assert choose_intensity(padded).kind == "ct-window"
+    assert choose_intensity(padded.astype(np.float32) + 0.5).kind == "percentile"  # not integral: not HU
     with pytest.raises(UserInputError, match="width"):
         choose_intensity(ct, window=(40, 0))
     mr = rng.gamma(2.0, 100.0, (10, 50, 50))
