@@ -40,7 +40,7 @@ def changes_at_points(previous: np.ndarray, new: np.ndarray, fg: np.ndarray, bg:
 def previous_answer_of_piece(previous: np.ndarray, prompts: Prompts) -> np.ndarray:
     """The part of a slice's previous answer (bool, model frame) that belongs to one piece's prompts: its
     connected parts that overlap the piece's box or hold one of its foreground points."""
-    labels, n = ndimage.label(previous)
+    labels, n = label_components(previous)
     keep = np.zeros(n + 1, bool)
     if prompts.box is not None:
         r0, c0, r1, c1 = np.round(prompts.box).astype(int)

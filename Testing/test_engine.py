@@ -196,6 +196,8 @@ def test_previous_answer_of_a_piece_is_its_own_parts():
     b = previous_answer_of_piece(prev, Prompts(fg_points=np.array([[30.0, 30.0]])))
     assert b.sum() == 100 and b[30, 30]
     assert not previous_answer_of_piece(prev, Prompts(fg_points=np.array([[20.0, 20.0]]))).any()
+    prev[10, 10] = prev[11, 11] = True  # a tail touching piece A at a corner belongs to it (8-connected)
+    assert previous_answer_of_piece(prev, Prompts(box=np.array([1, 1, 9, 9])))[11, 11]
 
 
 def test_a_correction_changes_only_where_its_points_ask():

@@ -397,8 +397,9 @@ def run(args: argparse.Namespace) -> int:
             _atomic_save({"config": cfg.to_dict(), "model": model.state_dict(), "optimizer": opt.state_dict(),
                           "scheduler": sched.state_dict(), "iteration": it + 1, "rows": rows,
                           "train_seconds": time.perf_counter() - t0}, resume_path)
-            _write_log(rows, log_path)
-            plot_losses(rows, png_path, weights)
+            if it + 1 < args.iterations:  # the last iteration's log and plot are written below
+                _write_log(rows, log_path)
+                plot_losses(rows, png_path, weights)
     train_seconds = time.perf_counter() - t0
     _write_log(rows, log_path)
     plot_losses(rows, png_path, weights)
