@@ -112,7 +112,7 @@ def test_hole_gets_background_points_and_stays_open(litemedsam):
     session = VolumeSession(image, (3.0, 1.0, 1.0), sam=litemedsam)
     ex = np.zeros_like(wall)
     ex[4] = wall[4]
-    res = session.segment(ex)
+    res = session.segment(ex, shape=ShapeRules(hole_points=True))
     assert dice(res.mask, wall) > 80
     for k, sp in res.prompts.items():
         assert len(sp.hole_bg) == 1
@@ -122,6 +122,18 @@ def test_hole_gets_background_points_and_stays_open(litemedsam):
         assert not res.mask[k, 28:37, 28:37].any()  # the cavity is not segmented
     data = prompts_to_json(res, Volume(image, session.spacing))
     assert all(len(e["hole_background"]) == 1 for e in data["slices"])
+
+
+def test_holes_get_no_background_points_by_default(litemedsam):
+    """The default ShapeRules put no point in a hole (LiteMedSAM answers better without them: docs/RESULTS.md,
+    "Pieces and holes"): a ring target's slices are prompted with their box alone."""
+    image, wall = ring_volume()
+    session = VolumeSession(image, (3.0, 1.0, 1.0), sam=litemedsam)
+    ex = np.zeros_like(wall)
+    ex[4] = wall[4]
+    res = session.segment(ex, extent=(2, 6))
+    assert len(res.prompts) == 4
+    assert all(not len(sp.hole_bg) and not len(sp.bg) for sp in res.prompts.values())
 
 
 def _persistent_cache(backend):
