@@ -208,9 +208,31 @@ def test_clicks_protocol_on_one_labelled_ct(tmp_path):
     assert chart.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_product_protocol_on_one_labelled_ct(tmp_path):
+    """``evaluate --protocol product --image --label``: a TotalSegmentator vertebra, with ``--hole-points``
+    recorded; the Markdown section is the image's own (it never replaces the CHAOS table)."""
+    from conftest import CT_DIR, SHARED_EMBEDDINGS
+    from fewshotsam_lab.cli import main
+
+    ct, seg = D.totalseg_ct(CT_DIR)
+    require(ct)
+    out, report = tmp_path / "p.json", tmp_path / "R.md"
+    report.write_text("# Results\n<!-- evaluate:product:setting1 -->\nCHAOS\n<!-- /evaluate:product:setting1 -->\n")
+    rc = main(["evaluate", "--protocol", "product", "--image", str(ct), "--label", str(seg), "--organs", "31",
+               "--methods", "boxprop", "--hole-points", "--sam", "litemedsam", "--cache-dir", str(SHARED_EMBEDDINGS),
+               "--json", str(out), "--report", str(report)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    v = res["methods"]["boxprop"]["volumes"]
+    assert res["organs"] == ["label_31"] and res["hole_points"] is True and res["image"] == ct.name
+    assert len(v) == 1 and 30 < v[0]["dice"] <= 100
+    text = report.read_text()
+    assert "CHAOS" in text and f"<!-- evaluate:product:{ct.name} -->" in text
+
+
 def test_clicks_protocol_input_errors(tmp_path):
     with pytest.raises(UserInputError, match="go together"):
-        E.run(E_args(protocol="product", image="a.nii.gz", label="b.nii.gz", json=str(tmp_path / "x.json")))
+        E.run(E_args(protocol="fewshot", image="a.nii.gz", label="b.nii.gz", json=str(tmp_path / "x.json")))
     with pytest.raises(UserInputError, match="Pass --data"):
         E.run(E_args(protocol="clicks", json=str(tmp_path / "x.json")))
     with pytest.raises(UserInputError, match="does not exist"):

@@ -32,10 +32,12 @@ def _edit_entry(k: int, fg=(), bg=(), box=None) -> SlicePrompts:
                         None if box is None else np.asarray(box, float).reshape(-1, 3))
 
 
-def click_session(session, example: np.ndarray, truth: np.ndarray, generator, rounds: int, axis: int = 0) -> dict:
+def click_session(session, example: np.ndarray, truth: np.ndarray, generator, rounds: int, axis: int = 0,
+                  shape=None) -> dict:
     """Run the click benchmark on one target: ``example`` (the painted slice), ``truth`` (the reference,
-    image shape). Returns the 3D Dice per round, the per-slice Dice per round and the clicks made."""
-    res = session.segment(example, generator=generator, extent="auto", axis=axis)
+    image shape); ``shape``: the engine's ShapeRules (None: its defaults). Returns the 3D Dice per round,
+    the per-slice Dice per round and the clicks made."""
+    res = session.segment(example, generator=generator, extent="auto", axis=axis, shape=shape)
     mask = np.moveaxis(np.asarray(res.mask, bool), axis, 0).copy()
     ref = np.moveaxis(np.asarray(truth, bool), axis, 0)
     painted = set(int(p) for p in res.painted)

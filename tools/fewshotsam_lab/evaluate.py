@@ -44,7 +44,7 @@ from FewShotSAMLib.slices import OUTSIDE_LOGIT
 from FewShotSAMLib.threads import single_threaded_blas
 from FewShotSAMLib.volume import atomic_write, atomic_write_text
 
-from .datasets import (ORGANS, TARGET_NAMES, fold_volume_ids, list_cases, organ_name, organ_slices, parse_folds,
+from .datasets import (ORGANS, fold_volume_ids, list_cases, organ_name, organ_slices, parse_folds,
                        parse_organs, target_mask)
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,7 @@ class CaseStore:
         self.backend = backend
         self.cache = cache
         self.local_corrections = True  # what a session does with a corrective re-run (corrections.changes_at_points)
+        self.shape = None  # the engine's ShapeRules for every segmentation (None: its defaults)
         self._cases: dict[int, Case] = {}
 
     @property
@@ -215,7 +216,7 @@ def product_volume(store: CaseStore, generator, case: Case, organ: int) -> dict:
     truth, example, painted = middle_slice_example(case.label, organ)
     session = store.session(case)
     t0 = time.perf_counter()
-    res = session.segment(example, generator=generator, extent="auto", axis=0)
+    res = session.segment(example, generator=generator, extent="auto", axis=0, shape=store.shape)
     seconds = time.perf_counter() - t0
     seg = set(res.segmented_slices)
     true = set(int(s) for s in sl)
@@ -239,7 +240,7 @@ def evaluate(store: CaseStore, protocol: str, methods: Sequence[str], folds: dic
     if protocol not in ("fewshot", "product"):
         raise UserInputError(f"Unknown protocol '{protocol}'; use fewshot or product.")
     out = {"protocol": protocol, "setting": int(setting), "sam": store.backend.name,
-           "folds": {str(k): v for k, v in folds.items()}, "organs": [TARGET_NAMES[o] for o in organs],
+           "folds": {str(k): v for k, v in folds.items()}, "organs": [organ_name(o) for o in organs],
            "methods": {}, "skipped": {}, "complete": False}
     records: dict[str, list] = {m: [] for m in methods}
     seconds = {m: 0.0 for m in methods}
@@ -262,22 +263,22 @@ def evaluate(store: CaseStore, protocol: str, methods: Sequence[str], folds: dic
                     for qid in queries:
                         d, n, sec = fewshot_volume(store, gen, support, store.get(qid), organ)
                         records[name].append({"fold": fold, "volume": qid, "support": support.id,
-                                              "organ": TARGET_NAMES[organ], "dice": round(d, 4), "slices": n})
+                                              "organ": organ_name(organ), "dice": round(d, 4), "slices": n})
                         seconds[name] += sec
                         n_slices[name] += n
                         if progress:
-                            progress(f"{name} fold {fold} {TARGET_NAMES[organ]} volume {qid}: Dice {d:.2f}")
+                            progress(f"{name} fold {fold} {organ_name(organ)} volume {qid}: Dice {d:.2f}")
             else:
                 for organ in organs:
                     for vid in ids:
                         r = product_volume(store, gen, store.get(vid), organ)
                         seconds[name] += r.pop("seconds")
                         n_slices[name] += r["slices"]
-                        records[name].append({"fold": fold, "volume": vid, "organ": TARGET_NAMES[organ],
+                        records[name].append({"fold": fold, "volume": vid, "organ": organ_name(organ),
                                               **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}})
                         if progress:
-                            progress(f"{name} fold {fold} {TARGET_NAMES[organ]} volume {vid}: Dice {r['dice']:.2f}")
-        out["methods"] = {m: summarise(records[m], seconds[m] / max(1, n_slices[m]), [TARGET_NAMES[o] for o in organs])
+                            progress(f"{name} fold {fold} {organ_name(organ)} volume {vid}: Dice {r['dice']:.2f}")
+        out["methods"] = {m: summarise(records[m], seconds[m] / max(1, n_slices[m]), [organ_name(o) for o in organs])
                           for m in methods if records[m]}
         out["folds_done"] = sorted({r["fold"] for rs in records.values() for r in rs})
         if on_fold:
@@ -307,7 +308,7 @@ def evaluate_clicks(store: CaseStore, methods: Sequence[str], organs: Sequence[i
                 if not len(organ_slices(case.label, organ)):
                     continue
                 truth, example, _ = middle_slice_example(case.label, organ)
-                result = clickbench.click_session(store.session(case), example, truth, gen, rounds)
+                result = clickbench.click_session(store.session(case), example, truth, gen, rounds, shape=store.shape)
                 if progress:
                     progress(f"{store.backend.name} {name} volume {vid} {oname}: Dice per round "
                              + " -> ".join(f"{v:.1f}" for v in result["dice_per_round"]))
@@ -387,7 +388,8 @@ def markdown_table(result: dict) -> str:
 
 def write_report_section(path: str | Path, result: dict) -> None:
     """Replace (or append) the marked section of this protocol/setting in a Markdown file."""
-    _replace_section(Path(path), f"evaluate:{result['protocol']}:setting{result['setting']}", markdown_table(result))
+    where = result.get("image") or f"setting{result['setting']}"
+    _replace_section(Path(path), f"evaluate:{result['protocol']}:{where}", markdown_table(result))
 
 
 def _replace_section(p: Path, tag: str, table: str) -> None:
@@ -439,13 +441,16 @@ def plot(result: dict, path: str | Path) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``python tools/lab.py evaluate``."""
     parser.add_argument("--data", help="folder with image_<id>.nii.gz and label_<id>.nii.gz (CHAOS T2)")
-    parser.add_argument("--image", help="instead of --data (protocol clicks): one image file ...")
+    parser.add_argument("--image", help="instead of --data (protocols product, clicks): one image file ...")
     parser.add_argument("--label", help="... and its label map; --organs then takes any label numbers")
     parser.add_argument("--protocol", default="fewshot", choices=["fewshot", "product", "clicks"])
     parser.add_argument("--rounds", type=int, default=3, help="corrective click rounds (protocol clicks)")
     parser.add_argument("--corrections", default="local", choices=["local", "whole"],
                         help="protocol clicks: a click changes the answer only where it asks (the product's "
                              "rule, corrections.changes_at_points) or SAM's new answer replaces the slice")
+    parser.add_argument("--hole-points", action="store_true",
+                        help="protocols product, clicks: a background point in each hole of the target "
+                             "(ShapeRules.hole_points; off by default in the product)")
     parser.add_argument("--volumes", default=None, help="protocol clicks with --data: only these volume ids, e.g. 2,15")
     parser.add_argument("--plot-with", nargs="*", default=[], metavar="JSON",
                         help="protocol clicks: earlier click results (other backends) drawn in the same --plot")
@@ -523,10 +528,10 @@ def run(args: argparse.Namespace) -> int:
     if unknown or not methods:
         raise UserInputError(f"Unknown method(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(GENERATORS)}.")
     single = bool(args.image or args.label)
-    if single and (args.protocol != "clicks" or not (args.image and args.label) or args.data):
-        raise UserInputError("--image and --label go together, with --protocol clicks and without --data.")
+    if single and (args.protocol == "fewshot" or not (args.image and args.label) or args.data):
+        raise UserInputError("--image and --label go together, with --protocol product or clicks and without --data.")
     if not single and not args.data:
-        raise UserInputError("Pass --data (a CHAOS-style folder), or --image and --label with --protocol clicks.")
+        raise UserInputError("Pass --data (a CHAOS-style folder), or --image and --label with --protocol product or clicks.")
     organs = parse_organs(args.organs, any_label=single)
     check_output_path(args.json, "JSON output")
     for extra in (args.report, args.plot):
@@ -535,9 +540,13 @@ def run(args: argparse.Namespace) -> int:
     if args.protocol == "clicks":
         return _run_clicks(args, methods, organs)
     previous = load_for_merge(args.json, args.protocol, args.setting, args.sam, args.folds) if args.merge else None
-    cases = list_cases(args.data)
-    ids = [c[0] for c in cases]
-    folds = {f: fold_volume_ids(ids, f) for f in parse_folds(args.folds)}
+    if single:  # one image: one "fold" holding it
+        cases = [(0, Path(args.image), Path(args.label))]
+        folds = {0: [0]}
+    else:
+        cases = list_cases(args.data)
+        ids = [c[0] for c in cases]
+        folds = {f: fold_volume_ids(ids, f) for f in parse_folds(args.folds)}
     store = _open_store(args, cases)
     cache = store.cache
     t0 = time.perf_counter()
@@ -551,6 +560,9 @@ def run(args: argparse.Namespace) -> int:
     result["encoded_slices"] = cache.encoded
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)
     result["setting_definition"] = SETTINGS[int(args.setting)]
+    result["hole_points"] = bool(args.hole_points)
+    if single:
+        result["image"] = Path(args.image).name
     if args.fob_mode:
         result["fob_mode"] = args.fob_mode
     if previous:
@@ -579,7 +591,12 @@ def _open_store(args: argparse.Namespace, cases: Sequence[tuple[int, Path, Path]
     if args.decoder_threads:
         options = replace(options, decoder_threads=int(args.decoder_threads))
     backend = load_backend(args.sam, args.device, options=options)
-    return CaseStore(cases, backend, EmbeddingCache(backend, cap_bytes=256 << 20, persist_dir=args.cache_dir))
+    store = CaseStore(cases, backend, EmbeddingCache(backend, cap_bytes=256 << 20, persist_dir=args.cache_dir))
+    if getattr(args, "hole_points", False):
+        from FewShotSAMLib.shape import ShapeRules
+
+        store.shape = ShapeRules(hole_points=True)
+    return store
 
 
 def _run_clicks(args: argparse.Namespace, methods: Sequence[str], organs: Sequence[int]) -> int:
@@ -616,6 +633,7 @@ def _run_clicks(args: argparse.Namespace, methods: Sequence[str], organs: Sequen
                              targets_desc=desc)
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)
     result["corrections"] = args.corrections
+    result["hole_points"] = bool(args.hole_points)
     atomic_write_text(args.json, json.dumps(result, indent=1))
     if args.report:
         p = Path(args.report)
