@@ -296,8 +296,9 @@ class VolumeSession:
 
         A target painted in several pieces (e.g. both kidneys) is followed piece by piece, each with its
         own prompts and its own extent, and the pieces are united; holes in the painted target (e.g. the
-        spinal canal inside a vertebra) get background points and are decoded and removed where SAM
-        fills them. ``shape`` says what counts as a piece or a hole and switches these off.
+        spinal canal inside a vertebra) are followed, and decoded and removed where SAM fills them
+        (a background point in each hole only with ``ShapeRules(hole_points=True)``). ``shape`` says what
+        counts as a piece or a hole and switches these off.
 
         ``release_embeddings`` drops the embeddings held in memory once every slice is decoded, before the
         3D connectivity step, for callers that will not re-run slices (the ``segment`` command: on a large

@@ -4,8 +4,9 @@ Per segmented slice it holds the foreground points, background points and box fe
 (ITK order, the reverse of numpy's) and physical LPS millimetres, plus SAM's mask score. When a point is
 edited, its "ijk" is authoritative; a point given only with "lps" is converted to voxels.
 
-Background points placed inside a hole of the target (the spinal canal inside a vertebra) are listed
-under "hole_background" (SAM gets them as background points like the others). A slice where the target
+Background points placed inside a hole of the target (the spinal canal inside a vertebra; only when the
+engine runs with ``ShapeRules(hole_points=True)``) are listed under "hole_background" (SAM gets them as
+background points like the others). A slice where the target
 is in several pieces (both kidneys) has, instead of the slice-level points and box, a list "pieces" with
 each piece's "foreground", "background", "hole_background" and "box"; each piece is decoded on its own.
 """
