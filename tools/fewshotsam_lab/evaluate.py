@@ -98,6 +98,7 @@ class CaseStore:
         self.cache = cache
         self.local_corrections = True  # what a session does with a corrective re-run (corrections.changes_at_points)
         self.shape = None  # the engine's ShapeRules for every segmentation (None: its defaults)
+        self.generic_labels = False  # targets named label_<n> (any labelled image) instead of CHAOS organs
         self._cases: dict[int, Case] = {}
 
     @property
@@ -210,6 +211,11 @@ def middle_slice_example(label: np.ndarray, organ: int) -> tuple[np.ndarray, np.
     return truth, example, painted
 
 
+def target_name(store: CaseStore, organ: int) -> str:
+    """A target's name in results: the CHAOS organ's, or ``label_<n>`` on any other labelled image."""
+    return f"label_{organ}" if store.generic_labels else organ_name(organ)
+
+
 def product_volume(store: CaseStore, generator, case: Case, organ: int) -> dict:
     """Product protocol on one volume and organ: Dice (%), slices outside the true extent, missed slices."""
     sl = organ_slices(case.label, organ)
@@ -240,7 +246,7 @@ def evaluate(store: CaseStore, protocol: str, methods: Sequence[str], folds: dic
     if protocol not in ("fewshot", "product"):
         raise UserInputError(f"Unknown protocol '{protocol}'; use fewshot or product.")
     out = {"protocol": protocol, "setting": int(setting), "sam": store.backend.name,
-           "folds": {str(k): v for k, v in folds.items()}, "organs": [organ_name(o) for o in organs],
+           "folds": {str(k): v for k, v in folds.items()}, "organs": [target_name(store, o) for o in organs],
            "methods": {}, "skipped": {}, "complete": False}
     records: dict[str, list] = {m: [] for m in methods}
     seconds = {m: 0.0 for m in methods}
@@ -263,22 +269,22 @@ def evaluate(store: CaseStore, protocol: str, methods: Sequence[str], folds: dic
                     for qid in queries:
                         d, n, sec = fewshot_volume(store, gen, support, store.get(qid), organ)
                         records[name].append({"fold": fold, "volume": qid, "support": support.id,
-                                              "organ": organ_name(organ), "dice": round(d, 4), "slices": n})
+                                              "organ": target_name(store, organ), "dice": round(d, 4), "slices": n})
                         seconds[name] += sec
                         n_slices[name] += n
                         if progress:
-                            progress(f"{name} fold {fold} {organ_name(organ)} volume {qid}: Dice {d:.2f}")
+                            progress(f"{name} fold {fold} {target_name(store, organ)} volume {qid}: Dice {d:.2f}")
             else:
                 for organ in organs:
                     for vid in ids:
                         r = product_volume(store, gen, store.get(vid), organ)
                         seconds[name] += r.pop("seconds")
                         n_slices[name] += r["slices"]
-                        records[name].append({"fold": fold, "volume": vid, "organ": organ_name(organ),
+                        records[name].append({"fold": fold, "volume": vid, "organ": target_name(store, organ),
                                               **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}})
                         if progress:
-                            progress(f"{name} fold {fold} {organ_name(organ)} volume {vid}: Dice {r['dice']:.2f}")
-        out["methods"] = {m: summarise(records[m], seconds[m] / max(1, n_slices[m]), [organ_name(o) for o in organs])
+                            progress(f"{name} fold {fold} {target_name(store, organ)} volume {vid}: Dice {r['dice']:.2f}")
+        out["methods"] = {m: summarise(records[m], seconds[m] / max(1, n_slices[m]), out["organs"])
                           for m in methods if records[m]}
         out["folds_done"] = sorted({r["fold"] for rs in records.values() for r in rs})
         if on_fold:
@@ -296,7 +302,7 @@ def evaluate_clicks(store: CaseStore, methods: Sequence[str], organs: Sequence[i
 
     from . import clickbench
 
-    names = [organ_name(o) for o in organs]
+    names = [target_name(store, o) for o in organs]
     out = {"protocol": "clicks", "sam": store.backend.name, "rounds": int(rounds), "organs": names,
            "volumes_ids": store.ids, "targets_desc": targets_desc, "methods": {}, "complete": False}
     for name in methods:
@@ -592,6 +598,7 @@ def _open_store(args: argparse.Namespace, cases: Sequence[tuple[int, Path, Path]
         options = replace(options, decoder_threads=int(args.decoder_threads))
     backend = load_backend(args.sam, args.device, options=options)
     store = CaseStore(cases, backend, EmbeddingCache(backend, cap_bytes=256 << 20, persist_dir=args.cache_dir))
+    store.generic_labels = bool(getattr(args, "image", None))
     if getattr(args, "hole_points", False):
         from FewShotSAMLib.shape import ShapeRules
 
