@@ -61,7 +61,8 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts-in", default=None, help="Re-run SAM from an (edited) prompts JSON instead of generating prompts.")
     p.add_argument("--previous", default=None,
                    help="With --prompts-in: the segmentation being corrected (e.g. the run's --output); a SAM "
-                        "that reads it (litemedsam-points) then changes each clicked slice near its points.")
+                        "that reads it (litemedsam-points) then changes each clicked slice near its points. For "
+                        "added points: a deleted or moved point's change stays in it, so re-run those without --previous.")
     p.add_argument("--overlay-out", default=None, help="Write a PNG montage of the result for a quick visual check.")
     p.add_argument("--generator", default=DEFAULT_GENERATOR,
                    help="Prompt generator: auto (default: the one that measured best with the SAM model; FoB inside "
