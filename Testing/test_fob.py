@@ -238,6 +238,11 @@ def test_shipped_weights_load_and_match_metadata():
     assert len(meta["data"]) == 20 and meta["fold"] is None and meta["exclude_labels"] == []
     assert meta["prompt_modes"]["litemedsam"] in ("box", "box+bg", "box+points", "points")
 
+    class PointsBackend:  # litemedsam-points: its own recorded mode before the embeddings' (docs/FOB.md)
+        name, embedding_name, prefers_box = "litemedsam-points", "litemedsam", True
+
+    assert gen.prompt_mode(PointsBackend()) == meta["prompt_modes"]["litemedsam-points"] == "box+points"
+
 
 # ---- training: resumes after an interruption --------------------------------------------------------
 @pytest.mark.skipif(not DATA.exists(), reason="CHAOS data absent (../shared/data/chaos_t2)")
