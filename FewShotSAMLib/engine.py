@@ -25,7 +25,7 @@ from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Union
 import numpy as np
 
 from .errors import CancelledError, UserInputError
-from .corrections import changes_at_points, previous_answer_of_piece
+from .corrections import CLICK_SPREAD, changes_at_points, previous_answer_of_piece
 from .extent import Extent, ExtentRules, TargetEvidence, accept_slice, resolve_extent
 from .prompt_types import Prompts, QueryContext, SlicePrompts, Support
 from .prompts import DEFAULT_GENERATOR, make_generator
@@ -195,8 +195,10 @@ class VolumeSession:
     ``sam`` and the embedding cache when they are not given.
     """
 
-    # a corrective re-run (``segment_from_prompts`` with ``previous``) keeps only the changes at its points
+    # a corrective re-run (``segment_from_prompts`` with ``previous``) keeps only the changes at its points,
+    # each within ``click_spread`` times its distance to the answer's edge (``corrections.changes_at_points``)
     local_corrections: bool = True
+    click_spread: Optional[float] = CLICK_SPREAD
 
     def __init__(self, image: np.ndarray, spacing: Sequence[float], *, sam=DEFAULT_SAM, device: str = "auto",
                  intensity: Optional[Intensity] = None, metadata: Optional[dict] = None,
@@ -581,7 +583,8 @@ class VolumeSession:
         if not self.local_corrections:
             return np.asarray(new2d, bool)
         return changes_at_points(previous2d, new2d, volume_index_to_slice(axis, np.asarray(fg, float).reshape(-1, 3))[1],
-                                 volume_index_to_slice(axis, np.asarray(bg, float).reshape(-1, 3))[1])
+                                 volume_index_to_slice(axis, np.asarray(bg, float).reshape(-1, 3))[1],
+                                 spread=self.click_spread)
 
     def with_previous_answer(self, axis: int, prompts: Sequence[Prompts], previous2d: np.ndarray) -> list[Prompts]:
         """One slice's prompts (one per piece) with the slice's previous answer (bool, native slice) as

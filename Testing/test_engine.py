@@ -217,6 +217,47 @@ def test_a_correction_changes_only_where_its_points_ask():
     assert np.array_equal(changes_at_points(prev, prev, np.array([[15, 15]]), none), prev)
 
 
+def test_a_clicks_change_stays_near_it_with_spread():
+    """With ``spread`` a click takes its region only within spread x its distance to the answer's edge: a
+    foreground click 3 px outside the answer adds at most a disk of radius 9 px around it, not the whole
+    leak SAM's new answer runs along."""
+    prev = np.zeros((60, 60), bool)
+    prev[20:40, 10:20] = True
+    new = prev.copy()
+    new[20:40, 20:58] = True  # grows right over 38 columns
+    none = np.zeros((0, 2))
+    click = np.array([[30, 22]])  # 3 px from the answer's edge (column 19)
+    whole = changes_at_points(prev, new, click, none)
+    assert whole[30, 50]  # without spread the whole growth is taken
+    near = changes_at_points(prev, new, click, none, spread=3.0)
+    assert near[30, 22] and near[30, 30] and not near[30, 32] and not near[30, 50]
+    assert np.array_equal(near & ~prev, near & ~prev & new)  # only what SAM's answer adds
+    # a background click: the cut reaches 3 x the click's distance to the answer's background
+    cut = changes_at_points(new, prev, none, np.array([[30, 50]]), spread=3.0)  # 8 px from the edge (column 58)
+    assert not cut[30, 50] and not cut[30, 30] and cut[30, 25]
+
+
+def test_the_session_corrects_with_the_click_spread(blob_session):
+    """A session's corrective re-run (``corrected_slice``, what a point added in Slicer and ``--previous``
+    use) applies ``CLICK_SPREAD``; ``click_spread = None`` takes the whole region."""
+    from FewShotSAMLib.corrections import CLICK_SPREAD
+
+    session, _ = blob_session
+    prev = np.zeros((60, 60), bool)
+    prev[20:40, 10:20] = True
+    new = prev.copy()
+    new[20:40, 20:58] = True
+    click = np.array([[7, 30, 22]])  # voxel (slice 7, row 30, column 22): 3 px outside the answer
+    assert session.click_spread == CLICK_SPREAD == 3.0
+    near = session.corrected_slice(0, prev, new, click, np.zeros((0, 3)))
+    assert near[30, 30] and not near[30, 50]
+    session.click_spread = None
+    try:
+        assert session.corrected_slice(0, prev, new, click, np.zeros((0, 3)))[30, 50]
+    finally:
+        del session.click_spread  # the module's shared session keeps the class default
+
+
 def test_previous_answer_reaches_only_a_decoder_that_reads_it(blob_session):
     """The box-trained LiteMedSAM gets no mask input; a backend that reads previous answers gets its
     own form of the slice's previous answer, only for prompts with points."""
