@@ -25,7 +25,7 @@ from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Union
 import numpy as np
 
 from .errors import CancelledError, UserInputError
-from .corrections import CLICK_SPREAD, changes_at_points, previous_answer_of_piece
+from .corrections import CLICK_SPREAD, changes_at_points, clear_around, previous_answer_of_piece
 from .extent import Extent, ExtentRules, TargetEvidence, accept_slice, resolve_extent
 from .prompt_types import Prompts, QueryContext, SlicePrompts, Support
 from .prompts import DEFAULT_GENERATOR, make_generator
@@ -199,6 +199,8 @@ class VolumeSession:
     # each within ``click_spread`` times its distance to the answer's edge (``corrections.changes_at_points``)
     local_corrections: bool = True
     click_spread: Optional[float] = CLICK_SPREAD
+    # a click SAM's re-run does not follow still acts (``VolumeSession._follow_ignored_clicks``)
+    click_fallback: bool = True
 
     def __init__(self, image: np.ndarray, spacing: Sequence[float], *, sam=DEFAULT_SAM, device: str = "auto",
                  intensity: Optional[Intensity] = None, metadata: Optional[dict] = None,
@@ -564,7 +566,7 @@ class VolumeSession:
                 out[k] |= mask2d
                 answers.append(PieceAnswer(m, score, self._hole_points_of(axis, m, given.hole_bg)))
             if before is not None and (len(sp.fg) or len(sp.bg)):
-                out[k] = self.corrected_slice(axis, before[k], out[k], sp.fg, sp.bg)
+                out[k] = self.corrected_slice(axis, before[k], out[k], sp.fg, sp.bg, index=k)
             result.prompts[k] = self._slice_prompts(axis, k, answers, support)
             result.scores[k] = float(np.mean([a.score for a in answers])) if answers else 0.0
             if progress is not None:
@@ -577,14 +579,36 @@ class VolumeSession:
         return result
 
     def corrected_slice(self, axis: int, previous2d: np.ndarray, new2d: np.ndarray, fg: np.ndarray,
-                        bg: np.ndarray) -> np.ndarray:
+                        bg: np.ndarray, index: Optional[int] = None) -> np.ndarray:
         """A slice's answer after a correction: ``previous2d`` changed only where the points ``fg`` / ``bg``
-        (voxel indices) ask (``changes_at_points``), or ``new2d`` as it is when ``local_corrections`` is off."""
+        (voxel indices) ask (``changes_at_points``), then the clicks SAM did not follow applied
+        (``_follow_ignored_clicks``; the foreground ones need the slice ``index``); or ``new2d`` as it is
+        when ``local_corrections`` is off."""
         if not self.local_corrections:
             return np.asarray(new2d, bool)
-        return changes_at_points(previous2d, new2d, volume_index_to_slice(axis, np.asarray(fg, float).reshape(-1, 3))[1],
-                                 volume_index_to_slice(axis, np.asarray(bg, float).reshape(-1, 3))[1],
-                                 spread=self.click_spread)
+        fg2 = volume_index_to_slice(axis, np.asarray(fg, float).reshape(-1, 3))[1]
+        bg2 = volume_index_to_slice(axis, np.asarray(bg, float).reshape(-1, 3))[1]
+        out = changes_at_points(previous2d, new2d, fg2, bg2, spread=self.click_spread)
+        if self.click_fallback:
+            out = self._follow_ignored_clicks(axis, index, out, fg2, bg2)
+        return out
+
+    def _follow_ignored_clicks(self, axis: int, index: Optional[int], answer: np.ndarray, fg: np.ndarray,
+                               bg: np.ndarray) -> np.ndarray:
+        """``answer`` (native slice) with the clicks that SAM's re-run did not follow applied anyway: a
+        foreground point (rows, cols) still outside it adds SAM's answer to that point alone, where it holds
+        the point and within the click spread (when the slice ``index`` is known); a background point still
+        inside it clears a disk around it (``corrections.clear_around``)."""
+        out = np.asarray(answer, bool)
+        if index is not None and len(fg):
+            frame = self.prepared(axis).frame
+            for r, c in np.round(fg).astype(int):
+                if 0 <= r < out.shape[0] and 0 <= c < out.shape[1] and not out[r, c]:
+                    alone, _score = self.decode_slice(axis, index,
+                                                      Prompts(fg_points=frame.points_to_model(np.array([[r, c]], float))))
+                    out = changes_at_points(out, out | alone, np.array([[r, c]]), np.zeros((0, 2)),
+                                            spread=self.click_spread)
+        return clear_around(out, bg) if len(bg) else out
 
     def with_previous_answer(self, axis: int, prompts: Sequence[Prompts], previous2d: np.ndarray) -> list[Prompts]:
         """One slice's prompts (one per piece) with the slice's previous answer (bool, native slice) as
@@ -611,7 +635,7 @@ class VolumeSession:
         ``fg`` / ``bg`` (voxel indices) ask (``corrected_slice``). Native slice, bool."""
         parts = [prompts] if isinstance(prompts, Prompts) else list(prompts)
         new, _score = self.decode_slice(axis, index, self.with_previous_answer(axis, parts, previous2d))
-        return self.corrected_slice(axis, previous2d, new, fg, bg)
+        return self.corrected_slice(axis, previous2d, new, fg, bg, index=index)
 
     def _hole_points_of(self, axis: int, prompts: Prompts, hole_bg: Optional[np.ndarray]) -> np.ndarray:
         """The background points of ``prompts`` that the caller marked as lying in holes (``hole_bg``,

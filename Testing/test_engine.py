@@ -237,6 +237,35 @@ def test_a_clicks_change_stays_near_it_with_spread():
     assert not cut[30, 50] and not cut[30, 30] and cut[30, 25]
 
 
+def test_a_background_click_clears_around_it():
+    from FewShotSAMLib.corrections import clear_around
+
+    m = np.zeros((80, 80), bool)
+    m[10:70, 10:70] = True  # a 60 x 60 answer; equivalent radius 33.9 px
+    out = clear_around(m, np.array([[14, 40]]), radius=1.5, cap=0.5)  # 5 px from the edge: a 7.5 px disk
+    assert not out[14, 40] and not out[14, 47] and out[14, 48] and out[30, 40]
+    assert out.sum() > m.sum() - np.pi * 8 ** 2
+    deep = clear_around(m, np.array([[40, 40]]), radius=1.5, cap=0.5)  # 31 px deep: capped at 16.9 px
+    assert not deep[40, 56] and deep[40, 57]
+    assert np.array_equal(clear_around(m, np.array([[5, 5]])), m)  # a point outside the answer clears nothing
+
+
+def test_clicks_sam_does_not_follow_still_act(blob_session, monkeypatch):
+    """A foreground click outside SAM's corrected answer adds SAM's answer to the click alone (near it); a
+    background click still inside clears around it; ``click_fallback = False`` leaves the answer as SAM's."""
+    session, _ = blob_session
+    prev = np.zeros((60, 60), bool)
+    prev[20:40, 10:20] = True
+    alone = np.zeros_like(prev)
+    alone[45:55, 30:40] = True  # what SAM answers to the foreground point alone
+    monkeypatch.setattr(session, "decode_slice", lambda axis, index, prompts: (alone, 0.9))
+    fg, bg = np.array([[7, 50, 35]]), np.array([[7, 30, 15]])  # voxel indices on slice 7
+    out = session.corrected_slice(0, prev, prev, fg, bg, index=7)  # SAM's re-run changed nothing
+    assert out[50, 35] and out[46, 31] and not out[30, 15] and out[21, 11]
+    monkeypatch.setattr(session, "click_fallback", False)
+    assert np.array_equal(session.corrected_slice(0, prev, prev, fg, bg, index=7), prev)
+
+
 def test_the_session_corrects_with_the_click_spread(blob_session):
     """A session's corrective re-run (``corrected_slice``, what a point added in Slicer and ``--previous``
     use) applies ``CLICK_SPREAD``; ``click_spread = None`` takes the whole region."""
