@@ -13,7 +13,7 @@ import numpy as np
 from scipy import ndimage
 
 from .prompt_types import Prompts
-from .shape import label_components
+from .shape import label_components, pixels_inside
 
 
 # A click's change reaches this many times the click's distance to the edge of the answer it corrects
@@ -46,9 +46,7 @@ def changes_at_points(previous: np.ndarray, new: np.ndarray, fg: np.ndarray, bg:
             continue
         labels, _ = label_components(region)
         at = np.zeros(region.shape, bool)
-        rc = np.round(np.asarray(points, float)).astype(int).reshape(-1, 2)
-        ok = (rc[:, 0] >= 0) & (rc[:, 0] < region.shape[0]) & (rc[:, 1] >= 0) & (rc[:, 1] < region.shape[1])
-        rc = rc[ok]
+        rc = pixels_inside(points, region.shape)
         at[rc[:, 0], rc[:, 1]] = True
         near = ndimage.distance_transform_edt(~at) <= reach
         keep = np.unique(labels[near & region])
@@ -56,11 +54,9 @@ def changes_at_points(previous: np.ndarray, new: np.ndarray, fg: np.ndarray, bg:
         if spread is not None and len(rc) and (previous != value).any() and (previous == value).any():
             # each point's change stays within spread x its distance to the previous answer's edge
             edge = ndimage.distance_transform_edt(previous != value)
-            rows, cols = np.indices(region.shape)
             disks = np.zeros(region.shape, bool)
             for r, c in rc:
-                radius = max(reach, spread * float(edge[r, c]))
-                disks |= (rows - r) ** 2 + (cols - c) ** 2 <= radius * radius
+                disks |= _disk(region.shape, r, c, max(reach, spread * float(edge[r, c])))
             taken &= disks
         out[taken] = value
     return out
@@ -74,9 +70,8 @@ def previous_answer_of_piece(previous: np.ndarray, prompts: Prompts) -> np.ndarr
     if prompts.box is not None:
         r0, c0, r1, c1 = np.round(prompts.box).astype(int)
         keep[np.unique(labels[max(r0, 0):r1 + 1, max(c0, 0):c1 + 1])] = True
-    for r, c in np.round(prompts.fg_points).astype(int):
-        if 0 <= r < previous.shape[0] and 0 <= c < previous.shape[1]:
-            keep[labels[r, c]] = True
+    for r, c in pixels_inside(prompts.fg_points, previous.shape):
+        keep[labels[r, c]] = True
     keep[0] = False
     return keep[labels]
 
@@ -87,15 +82,17 @@ def clear_around(mask: np.ndarray, points: np.ndarray, radius: float = CLEAR_RAD
     point's distance to the mask's edge, at most ``cap`` times the equivalent radius (sqrt(area / pi)) of the
     mask's connected part that holds the point."""
     out = np.asarray(mask, bool).copy()
-    rows = cols = None
-    for r, c in np.round(np.asarray(points, float)).astype(int).reshape(-1, 2):
-        if not (0 <= r < out.shape[0] and 0 <= c < out.shape[1]) or not out[r, c]:
+    for r, c in pixels_inside(points, out.shape):
+        if not out[r, c]:
             continue
         edge = float(ndimage.distance_transform_edt(out)[r, c])
         labels, _ = label_components(out)
         part = float((labels == labels[r, c]).sum())
-        rad = min(radius * edge, cap * float(np.sqrt(part / np.pi)))
-        if rows is None:
-            rows, cols = np.indices(out.shape)
-        out &= (rows - r) ** 2 + (cols - c) ** 2 > rad * rad
+        out &= ~_disk(out.shape, r, c, min(radius * edge, cap * float(np.sqrt(part / np.pi))))
     return out
+
+
+def _disk(shape: tuple, r: int, c: int, radius: float) -> np.ndarray:
+    """Bool image of ``shape``: the pixels within ``radius`` of (r, c)."""
+    rows, cols = np.ogrid[:shape[0], :shape[1]]
+    return (rows - r) ** 2 + (cols - c) ** 2 <= radius * radius

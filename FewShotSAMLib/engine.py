@@ -32,7 +32,8 @@ from .prompts import DEFAULT_GENERATOR, make_generator
 from .prompts.base import PromptGenerator
 from .sam.names import DEFAULT_SAM
 from .threads import single_threaded_blas
-from .shape import ShapeRules, analyse_slice, fill_holes, holes, inner_point, mask_box, overlap_fraction
+from .shape import (ShapeRules, analyse_slice, fill_holes, holes, inner_point, mask_box, overlap_fraction,
+                    pixels_inside)
 from .slices import OUTSIDE_LOGIT, PreparedVolume
 from .volume import Intensity, choose_axis, choose_intensity, painted_slices, slice_to_volume_index, volume_index_to_slice
 
@@ -602,10 +603,10 @@ class VolumeSession:
         out = np.asarray(answer, bool)
         if index is not None and len(fg):
             frame = self.prepared(axis).frame
-            for r, c in np.round(fg).astype(int):
-                if 0 <= r < out.shape[0] and 0 <= c < out.shape[1] and not out[r, c]:
-                    alone, _score = self.decode_slice(axis, index,
-                                                      Prompts(fg_points=frame.points_to_model(np.array([[r, c]], float))))
+            for r, c in pixels_inside(fg, out.shape):
+                if not out[r, c]:
+                    point = frame.points_to_model(np.array([[r, c]], float))
+                    alone, _score = self.decode_slice(axis, index, Prompts(fg_points=point))
                     out = changes_at_points(out, out | alone, np.array([[r, c]]), np.zeros((0, 2)),
                                             spread=self.click_spread)
         return clear_around(out, bg) if len(bg) else out

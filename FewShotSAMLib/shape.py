@@ -6,7 +6,8 @@ Foreground is 8-connected and background 4-connected (the usual pair, so that a 
 does not open its hole). All functions work on 2D boolean arrays in any frame; sizes are in pixels of
 that frame. The small mask helpers that the engine and the prompt generators share live here too:
 ``mask_box`` (a mask's bounding box), ``label_components`` (a label image of the 8-connected components)
-beside ``components`` (the same components as a list of masks, largest first).
+beside ``components`` (the same components as a list of masks, largest first), ``pixels_inside`` (points
+rounded to the pixels inside an image).
 """
 
 from __future__ import annotations
@@ -82,6 +83,13 @@ def mask_box(mask: np.ndarray, margin: float = 0.0, shape: tuple[int, int] | Non
     h, w = shape or mask.shape
     return np.array([max(0, rows.min() - margin), max(0, cols.min() - margin),
                      min(h - 1, rows.max() + margin), min(w - 1, cols.max() + margin)], np.float32)
+
+
+def pixels_inside(points: np.ndarray, shape: tuple) -> np.ndarray:
+    """(K, 2) int rows, cols: ``points`` (N, 2, any float) rounded to pixels, those inside an image of ``shape``."""
+    rc = np.round(np.asarray(points, float)).astype(int).reshape(-1, 2)
+    ok = (rc[:, 0] >= 0) & (rc[:, 0] < shape[0]) & (rc[:, 1] >= 0) & (rc[:, 1] < shape[1])
+    return rc[ok]
 
 
 def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
