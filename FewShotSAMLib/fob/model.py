@@ -78,11 +78,22 @@ def bilinear_sample(features: torch.Tensor, points: torch.Tensor, frame_size: in
     return out[..., 0].transpose(1, 2)
 
 
+def cell_centres(grid: int, frame_size: int, like: torch.Tensor) -> torch.Tensor:
+    """(grid,) model-frame coordinate of each grid cell's centre (dtype and device of ``like``)."""
+    return (torch.arange(grid, dtype=like.dtype, device=like.device) + 0.5) * (frame_size / grid) - 0.5
+
+
+def centre_of_mass(weights: torch.Tensor, centres: torch.Tensor, eps: float) -> torch.Tensor:
+    """(..., h, w) non-negative weights -> (..., 2) weighted mean (row, col) of the coordinates ``centres``
+    (h,) = (w,); ``eps`` bounds the total weight from below."""
+    tot = weights.sum((-2, -1)).clamp_min(eps)
+    return torch.stack([(weights.sum(-1) * centres).sum(-1) / tot, (weights.sum(-2) * centres).sum(-1) / tot], -1)
+
+
 def gaussian_heatmaps(points: torch.Tensor, grid: int, frame_size: int, sigma: float) -> torch.Tensor:
     """(B, N, 2) model-frame points -> (B, N, grid, grid) Gaussians (peak 1) sampled at grid-cell
     centres; differentiable in the points."""
-    scale = frame_size / grid
-    centres = (torch.arange(grid, dtype=points.dtype, device=points.device) + 0.5) * scale - 0.5
+    centres = cell_centres(grid, frame_size, points)
     gr = torch.exp(-(centres - points[..., 0, None]) ** 2 / (2.0 * sigma ** 2))  # (B, N, grid) separable
     gc = torch.exp(-(centres - points[..., 1, None]) ** 2 / (2.0 * sigma ** 2))
     return gr[..., :, None] * gc[..., None, :]
@@ -251,10 +262,7 @@ class SPR(nn.Module):
         unit = cfg.frame_size / query_feat.shape[-1] if cfg.spr_context else 1.0
         if cfg.spr_context:  # the heatmap's centre of mass within 2 cells (sigma) of the coarse point
             wgt = heatmaps.detach() * gaussian_heatmaps(coarse, query_feat.shape[-1], cfg.frame_size, 2 * unit)
-            h = query_feat.shape[-1]
-            centres = (torch.arange(h, dtype=coarse.dtype, device=coarse.device) + 0.5) * unit - 0.5
-            tot = wgt.sum((-2, -1)).clamp_min(1e-12)
-            com = torch.stack([(wgt.sum(-1) * centres).sum(-1) / tot, (wgt.sum(-2) * centres).sum(-1) / tot], -1)
+            com = centre_of_mass(wgt, cell_centres(query_feat.shape[-1], cfg.frame_size, coarse), 1e-12)
         for _ in range(cfg.iterations):
             if cfg.spr_context:
                 ctx = self.context(support_protos, corr, support_points, mu, com, support_centroid)
@@ -328,9 +336,7 @@ class FoBNet(nn.Module):
         cos = torch.einsum("bnd,bdhw->bnhw", F.normalize(protos, dim=-1), F.normalize(fq, dim=1))
         logit = cos / self.prior_log_t.exp()
         if self.cfg.spatial_prior and support_points is not None:
-            h = fq.shape[-1]
-            scale = self.cfg.frame_size / h
-            centres = (torch.arange(h, dtype=fq.dtype, device=fq.device) + 0.5) * scale - 0.5
+            centres = cell_centres(fq.shape[-1], self.cfg.frame_size, fq)
             d2 = ((centres - support_points[..., 0, None]) ** 2)[..., :, None] + \
                  ((centres - support_points[..., 1, None]) ** 2)[..., None, :]
             logit = logit - d2 / (2.0 * self.prior_log_sigma.exp() ** 2)
@@ -400,9 +406,7 @@ class FoBNet(nn.Module):
         coarse = grid_argmax(heat.detach(), cfg.frame_size)
         if cfg.use_spr:
             sm = support_mask.float()
-            coords = torch.arange(sm.shape[-1], dtype=sm.dtype, device=sm.device)
-            tot = sm.sum((-2, -1)).clamp_min(1e-6)
-            centroid = torch.stack([(sm.sum(-1) * coords).sum(-1) / tot, (sm.sum(-2) * coords).sum(-1) / tot], -1)
+            centroid = centre_of_mass(sm, torch.arange(sm.shape[-1], dtype=sm.dtype, device=sm.device), 1e-6)
             refined, _ = self.spr(protos, fq, coarse, torch.sigmoid(corr_logits), support_points, heat, centroid)
         else:
             refined = coarse + 0.0 * heat.sum()  # keeps the graph connected for a uniform loss
