@@ -36,10 +36,11 @@ from .losses import COOR_LOSSES, LossWeights, fob_losses, point_error
 
 log = logging.getLogger(__name__)
 
+#: held-back point errors of one episode half (``heldback_errors``), plain then with the ``aug_`` prefix
+HELD_BACK_ERRORS = ("coarse", "refined", "support", "ring_coarse", "ring_refined", "ring_support")
+HELD_BACK_KEYS = HELD_BACK_ERRORS + tuple("aug_" + k for k in HELD_BACK_ERRORS)
 LOG_FIELDS = ["iteration", "seconds", "total", "rac", "heat", "coor", "fore", "err_coarse", "err_refined", "lr",
-              "hb_coarse", "hb_refined", "hb_support", "hb_ring_coarse", "hb_ring_refined", "hb_ring_support",
-              "hb_aug_coarse", "hb_aug_refined", "hb_aug_support", "hb_aug_ring_coarse", "hb_aug_ring_refined",
-              "hb_aug_ring_support"]
+              *("hb_" + k for k in HELD_BACK_KEYS)]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -117,9 +118,7 @@ def _log_heldback(it: int, hb: dict) -> None:
     g = lambda k: hb.get(k, float("nan"))  # noqa: E731
     log.info("it %d  held-back point error coarse %.2f refined %.2f (support copied %.2f), to the ring %.2f / %.2f "
              "(%.2f); augmented %.2f / %.2f (%.2f), to the ring %.2f / %.2f (%.2f) px", it,
-             *[g(k) for k in ("coarse", "refined", "support", "ring_coarse", "ring_refined", "ring_support",
-                              "aug_coarse", "aug_refined", "aug_support", "aug_ring_coarse", "aug_ring_refined",
-                              "aug_ring_support")])
+             *[g(k) for k in HELD_BACK_KEYS])
 
 
 def _heldback_list(args) -> list[tuple[int, Path, Optional[Path]]]:
@@ -244,8 +243,7 @@ def heldback_errors(model: FoBNet, volumes: list, cache, n: int, seed: int = 123
                 dist = ring_distance_map(ep.query_mask[0].numpy() > 0.5, model.cfg)
                 errs.append((c, r, s, _at(dist, out.coarse[0]), _at(dist, out.refined[0]), _at(dist, ep.support_points[0])))
             e = np.mean(errs, 0)
-            result.update({prefix + k: float(x) for k, x in zip(
-                ("coarse", "refined", "support", "ring_coarse", "ring_refined", "ring_support"), e)})
+            result.update({prefix + k: float(x) for k, x in zip(HELD_BACK_ERRORS, e)})
     finally:
         model.train(was_training)
     return result
