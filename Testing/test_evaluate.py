@@ -234,6 +234,9 @@ def test_product_protocol_on_one_labelled_ct(tmp_path):
 def test_clicks_protocol_input_errors(tmp_path):
     with pytest.raises(UserInputError, match="go together"):
         E.run(E_args(protocol="fewshot", image="a.nii.gz", label="b.nii.gz", json=str(tmp_path / "x.json")))
+    with pytest.raises(UserInputError, match="does not exist"):
+        E.run(E_args(protocol="product", image=str(tmp_path / "a.nii.gz"), label=str(tmp_path / "b.nii.gz"),
+                     json=str(tmp_path / "x.json")))
     with pytest.raises(UserInputError, match="Pass --data"):
         E.run(E_args(protocol="clicks", json=str(tmp_path / "x.json")))
     with pytest.raises(UserInputError, match="does not exist"):

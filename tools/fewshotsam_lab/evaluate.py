@@ -547,7 +547,7 @@ def run(args: argparse.Namespace) -> int:
         return _run_clicks(args, methods, organs)
     previous = load_for_merge(args.json, args.protocol, args.setting, args.sam, args.folds) if args.merge else None
     if single:  # one image: one "fold" holding it
-        cases = [(0, Path(args.image), Path(args.label))]
+        cases = _image_case(args)
         folds = {0: [0]}
     else:
         cases = list_cases(args.data)
@@ -583,6 +583,14 @@ def run(args: argparse.Namespace) -> int:
                  ", ".join(f"{k} {v:.1f}" for k, v in m["per_organ"].items()), m["s_per_slice"])
     log.info("wall time %.1f s, %d slices encoded", result["wall_seconds"], result["encoded_slices"])
     return 0
+
+
+def _image_case(args: argparse.Namespace) -> list[tuple[int, Path, Path]]:
+    """The one case of ``--image`` / ``--label`` (id 0); both files must exist."""
+    for path in (args.image, args.label):
+        if not Path(path).is_file():
+            raise UserInputError(f"{path} does not exist; pass an image and its label map.")
+    return [(0, Path(args.image), Path(args.label))]
 
 
 def _open_store(args: argparse.Namespace, cases: Sequence[tuple[int, Path, Path]]) -> CaseStore:
@@ -622,10 +630,7 @@ def _run_clicks(args: argparse.Namespace, methods: Sequence[str], organs: Sequen
         if others[-1].get("protocol") != "clicks":
             raise UserInputError(f"--plot-with: {path} is not a click result (protocol {others[-1].get('protocol')}).")
     if args.image:
-        for path in (args.image, args.label):
-            if not Path(path).is_file():
-                raise UserInputError(f"{path} does not exist; pass an image and its label map.")
-        cases = [(0, Path(args.image), Path(args.label))]
+        cases = _image_case(args)
         desc = f"{Path(args.image).name}, labels {', '.join(str(o) for o in organs)}"
     else:
         cases = list_cases(args.data)
