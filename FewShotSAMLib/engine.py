@@ -31,13 +31,16 @@ from .prompt_types import Prompts, QueryContext, SlicePrompts, Support
 from .prompts import DEFAULT_GENERATOR, make_generator
 from .prompts.base import PromptGenerator
 from .sam.names import DEFAULT_SAM
+from .sam.backend import DecodeResult
 from .threads import single_threaded_blas
 from .shape import (ShapeRules, analyse_slice, fill_holes, holes, inner_point, mask_box, overlap_fraction,
-                    pixels_inside)
+                    pixels_inside, widened_box)
 from .slices import OUTSIDE_LOGIT, PreparedVolume
 from .volume import Intensity, choose_axis, choose_intensity, painted_slices, slice_to_volume_index, volume_index_to_slice
 
 log = logging.getLogger(__name__)
+
+BOX_GROWTH_STEPS = 3  # times a growing box is widened on one slice (prompts.boxprop.BOX_GROWTH pixels each)
 
 Progress = Callable[[int, int], None]
 __all__ = ["Extent", "ExtentRules", "FollowedPiece", "PieceAnswer", "Run", "SegmentationResult", "SlicePrompts",
@@ -440,9 +443,8 @@ class VolumeSession:
         hole_pts = np.zeros((0, 2), np.float32)
         if shape_rules.hole_points and piece.holes:
             hole_pts = _stack_points([inner_point(h) for h in piece.holes])
-            prompts = Prompts(prompts.fg_points, _stack_points([prompts.bg_points, hole_pts]), prompts.box,
-                              prompts.presence, prompts.mask_input)
-        res = self.backend.decode(emb, prompts)
+            prompts = replace(prompts, bg_points=_stack_points([prompts.bg_points, hole_pts]))
+        prompts, res = self._decode_growing_box(emb, prompts, pv.valid)
         logits = np.where(pv.valid, res.logits, OUTSIDE_LOGIT).astype(np.float32)
         mmask = logits > 0
         new_holes = piece.holes
@@ -458,6 +460,23 @@ class VolumeSession:
         piece.holes = new_holes
         piece.neighbour = mmask
         return PieceAnswer(prompts, float(res.score), hole_pts, logits)
+
+    def _decode_growing_box(self, emb, prompts: Prompts, valid: np.ndarray) -> tuple[Prompts, DecodeResult]:
+        """Decode ``prompts``; while the answer reaches a side of a box that may grow (``box_growth``), widen
+        those sides (within the image) and decode again, at most ``BOX_GROWTH_STEPS`` times. Returns the
+        prompts with the box used and that box's answer."""
+        res = self.backend.decode(emb, prompts)
+        if prompts.box is None or prompts.box_growth <= 0:
+            return prompts, res
+        limits = mask_box(valid)
+        for _ in range(BOX_GROWTH_STEPS):
+            box = widened_box(res.mask & valid, prompts.box, prompts.box_growth, limits)
+            if box is None:
+                break
+            prompts = replace(prompts, box=box)
+            res = self.backend.decode(emb, prompts)
+        return prompts, res
+
     def _follow_holes(self, pv: PreparedVolume, emb, mask: np.ndarray, previous: list, shape_rules: ShapeRules
                       ) -> tuple[list, np.ndarray]:
         """Where the piece's holes are on this slice, and which pixels of ``mask`` to remove.

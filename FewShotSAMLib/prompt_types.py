@@ -33,6 +33,10 @@ class Prompts:
     ``presence`` is the generator's confidence (0..1) that the target is present on the query slice;
     the engine's automatic extent uses it. ``mask_input`` is an optional 256x256 low-resolution logit
     map for multi-pass generators; it is not serialised, so an edited re-run goes without it.
+    ``box_growth`` (model-frame pixels, 0 = the box is fixed) lets the engine widen the box on each side
+    SAM's answer reaches and decode again: set by generators whose box is the neighbouring slice's answer's
+    box, which a target that widens from one slice to the next outgrows. The box recorded with the answer
+    is the widened one, so an edited re-run decodes that box as it is (the field is not serialised).
     """
 
     fg_points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))
@@ -40,6 +44,7 @@ class Prompts:
     box: Optional[np.ndarray] = None
     presence: float = 1.0
     mask_input: Optional[np.ndarray] = None
+    box_growth: float = 0.0
 
     def __post_init__(self) -> None:
         self.fg_points = _points(self.fg_points)

@@ -5,9 +5,10 @@ enclosed by the target), so that the engine can prompt each piece on its own and
 Foreground is 8-connected and background 4-connected (the usual pair, so that a diagonal gap in a ring
 does not open its hole). All functions work on 2D boolean arrays in any frame; sizes are in pixels of
 that frame. The small mask helpers that the engine and the prompt generators share live here too:
-``mask_box`` (a mask's bounding box), ``label_components`` (a label image of the 8-connected components)
-beside ``components`` (the same components as a list of masks, largest first), ``pixels_inside`` (points
-rounded to the pixels inside an image).
+``mask_box`` (a mask's bounding box), ``widened_box`` (a box widened where a mask reaches it),
+``label_components`` (a label image of the 8-connected components) beside ``components`` (the same
+components as a list of masks, largest first), ``pixels_inside`` (points rounded to the pixels inside an
+image).
 """
 
 from __future__ import annotations
@@ -83,6 +84,24 @@ def mask_box(mask: np.ndarray, margin: float = 0.0, shape: tuple[int, int] | Non
     h, w = shape or mask.shape
     return np.array([max(0, rows.min() - margin), max(0, cols.min() - margin),
                      min(h - 1, rows.max() + margin), min(w - 1, cols.max() + margin)], np.float32)
+
+
+def widened_box(mask: np.ndarray, box: np.ndarray, step: float, limits: np.ndarray, touch: float = 1.0
+                ) -> Optional[np.ndarray]:
+    """``box`` (row0, col0, row1, col1) widened by ``step`` pixels on each side that ``mask`` reaches (comes
+    within ``touch`` pixels of), never beyond ``limits`` (a box, e.g. the image's); None when no side moves
+    (``mask`` empty, inside the box, or reaching only sides already at the limits)."""
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        return None
+    box = np.asarray(box, np.float32)
+    new = box.copy()
+    reached = (rows.min() <= box[0] + touch, cols.min() <= box[1] + touch,
+               rows.max() >= box[2] - touch, cols.max() >= box[3] - touch)
+    for side, hit in enumerate(reached):
+        if hit:
+            new[side] = max(limits[side], box[side] - step) if side < 2 else min(limits[side], box[side] + step)
+    return None if np.array_equal(new, box) else new
 
 
 def pixels_inside(points: np.ndarray, shape: tuple) -> np.ndarray:

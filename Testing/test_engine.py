@@ -121,6 +121,28 @@ def test_blob_auto_extent_painted_slice_and_encode_once(blob_session):
     assert all(p.box is not None for p in res.prompts.values())
 
 
+def test_the_propagated_box_grows_with_a_widening_target(litemedsam):
+    """A disc whose radius grows 3 px per slice outgrows the neighbour's box (3 px margin at 256, under
+    1 px here): with a fixed box SAM's answer stays cut to it and shrinks; the growing box follows the
+    target. The box recorded with each answer is the one decoded, so re-running the prompts gives the same
+    mask."""
+    from FewShotSAMLib.prompts.boxprop import BoxPropagation
+
+    rng = np.random.default_rng(0)
+    z, y, x = np.mgrid[:9, :64, :64]
+    cone = np.hypot(y - 32, x - 32) < 6 + 3.0 * z
+    image = (rng.normal(100, 10, cone.shape) + 400 * cone).astype(np.float32)
+    session = VolumeSession(image, (3.0, 1.0, 1.0), sam=litemedsam)
+    ex = np.zeros_like(cone)
+    ex[1] = cone[1]
+    fixed = session.segment(ex, generator=BoxPropagation(growth=0), extent=(0, 8))
+    growing = session.segment(ex, generator=BoxPropagation(), extent=(0, 8))
+    assert dice(growing.mask, cone) > dice(fixed.mask, cone) + 30
+    assert growing.mask[5].sum() > 3 * fixed.mask[5].sum()
+    again = session.segment_from_prompts(ex, 0, growing.prompts)
+    assert np.array_equal(again.mask, growing.mask)
+
+
 def test_propagation_encodes_no_slice_past_where_it_stops(litemedsam):
     """A propagation encodes the slices it decodes, the one where it stops, and beyond that at most a block
     of ``encode_ahead`` less one: none with OpenVINO, the CPU default, which runs slice by slice (reading a

@@ -37,6 +37,7 @@ def test_propagate_gives_the_neighbours_box_and_no_points(toy):
     p = gen.generate(support, query, ctx, _FakeBackend())
     expected = BoxPropagation().generate(support, query, ctx, _FakeBackend())
     np.testing.assert_allclose(p.box, expected.box)
+    assert p.box_growth == expected.box_growth > 0  # the engine may widen it as it widens box propagation's
     assert len(p.fg_points) == 0 and len(p.bg_points) == 0
 
 
@@ -67,25 +68,25 @@ def test_correlation_follows_the_support(toy):
 # ---- the shipped weights on a real volume -----------------------------------------------------------
 @pytest.fixture(scope="module")
 def points_store():
-    require(CHAOS_DIR / "image_2.nii.gz")
+    require(CHAOS_DIR / "image_1.nii.gz")
     from FewShotSAMLib.sam import load_backend
     from FewShotSAMLib.sam.cache import EmbeddingCache
     from fewshotsam_lab import evaluate as E
 
     backend = load_backend("litemedsam-points", "cpu")
     cache = EmbeddingCache(backend, persist_dir=SHARED_EMBEDDINGS)
-    return E.CaseStore([c for c in E.list_cases(CHAOS_DIR) if c[0] == 2], backend, cache)
+    return E.CaseStore([c for c in E.list_cases(CHAOS_DIR) if c[0] == 1], backend, cache)
 
 
 def test_fob_stops_the_propagation_where_box_propagation_overruns(points_store):
-    """Volume 2's liver and spleen: box propagation segments slices past the organ's ends; FoB stops nearer
-    them and scores higher."""
+    """Volume 1's liver and spleen: box propagation segments slices past the organ's ends (7; the liver 6);
+    FoB stops nearer them (1) and scores higher (92.2 against 91.2, the liver 89.4 against 86.5)."""
     from fewshotsam_lab import evaluate as E
 
     gen = FoBGenerator()
     if gen.min_corr is None:
         pytest.fail("the shipped FoB weights have no propagation calibration (calibrate-fob-extent --write)")
-    case = points_store.get(2)
+    case = points_store.get(1)
     box, fob = [], []
     for organ in (1, 4):
         box.append(E.product_volume(points_store, BoxPropagation(), case, organ))

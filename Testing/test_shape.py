@@ -3,7 +3,7 @@
 import numpy as np
 
 from FewShotSAMLib.shape import (ShapeRules, analyse_slice, components, fill_holes, holes, inner_point,
-                                 overlap_fraction)
+                                 overlap_fraction, widened_box)
 
 
 def ring(size=20, centre=(10, 10), outer=7, inner=3):
@@ -106,3 +106,22 @@ def test_overlap_fraction():
     b[:] = False
     b[6:] = True
     assert overlap_fraction(a, b) == 0.0
+
+
+def test_widened_box_moves_only_the_sides_the_mask_reaches_and_stops_at_the_limits():
+    limits = np.array([0, 0, 31, 31], np.float32)
+    box = np.array([10, 10, 20, 20], np.float32)
+    m = np.zeros((32, 32), bool)
+    m[12:18, 14:21] = True  # reaches the right side (col 20) only
+    np.testing.assert_array_equal(widened_box(m, box, 4, limits), [10, 10, 20, 24])
+    m[10, 14] = True  # and the top, within the 1-pixel touch
+    np.testing.assert_array_equal(widened_box(m, box, 4, limits), [6, 10, 20, 24])
+    inside = np.zeros_like(m)
+    inside[13:17, 13:17] = True
+    assert widened_box(inside, box, 4, limits) is None
+    assert widened_box(np.zeros_like(m), box, 4, limits) is None
+    at_edge = np.zeros_like(m)
+    at_edge[20:32, 20:32] = True
+    edge_box = np.array([20, 20, 31, 31], np.float32)
+    np.testing.assert_array_equal(widened_box(at_edge, edge_box, 4, limits), [16, 16, 31, 31])
+    assert widened_box(at_edge, np.array([0, 0, 31, 31], np.float32), 4, limits) is None  # already at the limits
