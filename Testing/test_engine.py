@@ -50,7 +50,16 @@ def test_accept_rules():
     good[9:23, 9:23] = True
     assert accept_slice(good, 0.9, 1.0, sup, sup, rules)
     assert not accept_slice(good, 0.1, 1.0, sup, sup, rules)  # SAM unsure
-    assert not accept_slice(good, 0.9, 0.2, sup, sup, rules)  # generator says absent
+    shifted = np.zeros_like(sup)
+    shifted[9:25, 9:25] = True  # as large as its neighbour, partly outside it
+    assert accept_slice(shifted, 0.9, 1.0, sup, sup, rules)
+    assert not accept_slice(shifted, 0.9, 0.2, sup, sup, rules)  # generator says absent
+    # ... but not where the answer narrows inside its neighbour's (an organ's tip): the target goes on
+    assert good.sum() < rules.tip_shrink * sup.sum() and accept_slice(good, 0.9, 0.2, sup, sup, rules)
+    assert not accept_slice(good, 0.9, 0.2, sup, sup, ExtentRules(tip_shrink=0.0))
+    outside = np.zeros_like(sup)
+    outside[14:28, 14:28] = True  # as small, but less than 80 % of it inside the neighbour's answer
+    assert not accept_slice(outside, 0.9, 0.2, sup, sup, rules)
     tiny = np.zeros_like(sup)
     tiny[10, 10] = True
     assert not accept_slice(tiny, 0.9, 1.0, sup, sup, rules)  # vanished

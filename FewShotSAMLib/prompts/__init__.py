@@ -38,7 +38,7 @@ def recommended_generator(sam: Optional[str] = None) -> str:
 
     Product protocol on CHAOS (one painted slice, automatic extent; docs/FOB.md, docs/RESULTS.md): FoB inside
     the propagation (the neighbour's box, FoB deciding where the target ends) where the shipped FoB weights
-    are calibrated for that model (``propagation.sam_backend`` in their metadata: litemedsam-points, 88.95
+    are calibrated for that model (``propagation.sam_backend`` in their metadata: litemedsam-points, 89.19
     vs 87.50 cross-validated); box propagation for every other model (87.53 with the box-trained
     LiteMedSAM, far ahead of the generators that place points there).
     """
