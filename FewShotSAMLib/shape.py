@@ -91,13 +91,13 @@ def widened_box(mask: np.ndarray, box: np.ndarray, step: float, limits: np.ndarr
     """``box`` (row0, col0, row1, col1) widened by ``step`` pixels on each side that ``mask`` reaches (comes
     within ``touch`` pixels of), never beyond ``limits`` (a box, e.g. the image's); None when no side moves
     (``mask`` empty, inside the box, or reaching only sides already at the limits)."""
-    rows, cols = np.nonzero(mask)
-    if rows.size == 0:
+    extent = mask_box(mask)
+    if extent is None:
         return None
     box = np.asarray(box, np.float32)
     new = box.copy()
-    reached = (rows.min() <= box[0] + touch, cols.min() <= box[1] + touch,
-               rows.max() >= box[2] - touch, cols.max() >= box[3] - touch)
+    reached = (extent[0] <= box[0] + touch, extent[1] <= box[1] + touch,
+               extent[2] >= box[2] - touch, extent[3] >= box[3] - touch)
     for side, hit in enumerate(reached):
         if hit:
             new[side] = max(limits[side], box[side] - step) if side < 2 else min(limits[side], box[side] + step)
