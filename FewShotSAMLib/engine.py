@@ -25,7 +25,8 @@ from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Union
 import numpy as np
 
 from .errors import CancelledError, UserInputError
-from .corrections import CLICK_SPREAD, changes_at_points, clear_around, previous_answer_of_piece
+from .corrections import (CLICK_SPREAD, changes_at_points, clear_around, previous_answer_of_piece,
+                          tissue_like_clicks)
 from .extent import Extent, ExtentRules, TargetEvidence, accept_slice, resolve_extent
 from .prompt_types import Prompts, QueryContext, SlicePrompts, Support
 from .prompts import DEFAULT_GENERATOR, make_generator
@@ -36,7 +37,8 @@ from .threads import single_threaded_blas
 from .shape import (ShapeRules, analyse_slice, fill_holes, holes, inner_point, mask_box, overlap_fraction,
                     pixels_inside, widened_box)
 from .slices import OUTSIDE_LOGIT, PreparedVolume
-from .volume import Intensity, choose_axis, choose_intensity, painted_slices, slice_to_volume_index, volume_index_to_slice
+from .volume import (Intensity, choose_axis, choose_intensity, normalise, painted_slices, slice_to_volume_index,
+                     volume_index_to_slice)
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +205,8 @@ class VolumeSession:
     # each within ``click_spread`` times its distance to the answer's edge (``corrections.changes_at_points``)
     local_corrections: bool = True
     click_spread: Optional[float] = CLICK_SPREAD
+    # a click takes the tissue that looks like it, near it (``corrections.tissue_like_clicks``)
+    click_tissue: bool = True
     # a click SAM's re-run does not follow still acts (``VolumeSession._follow_ignored_clicks``)
     click_fallback: bool = True
 
@@ -602,16 +606,24 @@ class VolumeSession:
                         bg: np.ndarray, index: Optional[int] = None) -> np.ndarray:
         """A slice's answer after a correction: ``previous2d`` changed only where the points ``fg`` / ``bg``
         (voxel indices) ask (``changes_at_points``), then the clicks SAM did not follow applied
-        (``_follow_ignored_clicks``; the foreground ones need the slice ``index``); or ``new2d`` as it is
-        when ``local_corrections`` is off."""
+        (``_follow_ignored_clicks``), after the tissue like each click taken (``corrections.tissue_like_clicks``;
+        both need the slice ``index``); or ``new2d`` as it is when ``local_corrections`` is off."""
         if not self.local_corrections:
             return np.asarray(new2d, bool)
         fg2 = volume_index_to_slice(axis, np.asarray(fg, float).reshape(-1, 3))[1]
         bg2 = volume_index_to_slice(axis, np.asarray(bg, float).reshape(-1, 3))[1]
         out = changes_at_points(previous2d, new2d, fg2, bg2, spread=self.click_spread)
+        if self.click_tissue and index is not None:
+            before = np.asarray(previous2d, bool)
+            like = tissue_like_clicks(before, fg2, bg2, self._normalised_slice(axis, index))
+            out = (out | (like & ~before)) & ~(before & ~like)
         if self.click_fallback:
             out = self._follow_ignored_clicks(axis, index, out, fg2, bg2)
         return out
+
+    def _normalised_slice(self, axis: int, index: int) -> np.ndarray:
+        """Native slice ``index`` across ``axis`` in the session's intensity window, [0, 1]."""
+        return normalise(self.prepared(axis).slices[int(index)], self.intensity)
 
     def _follow_ignored_clicks(self, axis: int, index: Optional[int], answer: np.ndarray, fg: np.ndarray,
                                bg: np.ndarray) -> np.ndarray:

@@ -281,11 +281,58 @@ def test_a_background_click_clears_around_it():
     assert np.array_equal(clear_around(m, np.array([[5, 5]])), m)  # a point outside the answer clears nothing
 
 
+def test_a_click_takes_the_tissue_like_it():
+    """``tissue_like_clicks``: a foreground click outside the answer adds the connected tissue like it, up to
+    1.5 x its distance to the answer; a background click inside removes it the same way; nothing for a click
+    already on its side or on a slice without an answer."""
+    from FewShotSAMLib.corrections import tissue_like_clicks
+
+    prev = np.zeros((60, 60), bool)
+    prev[20:40, 10:20] = True
+    image = np.full((60, 60), 0.9, np.float32)
+    image[15:45, 10:30] = 0.5  # the target: the answer and, beside it, the part it missed
+    none = np.zeros((0, 2))
+    click = np.array([[30, 26]])  # 7 px from the answer: a 10.5 px reach
+    added = tissue_like_clicks(prev, click, none, image) & ~prev
+    assert added[30, 20] and added[30, 29] and added[22, 24] and not added[30, 30]  # stops at the unlike column
+    assert not added[17, 26]  # beyond the reach
+    assert np.array_equal(tissue_like_clicks(prev, np.array([[30, 15]]), none, image), prev)  # inside already
+    assert not tissue_like_clicks(np.zeros_like(prev), click, none, image).any()  # no answer: SAM decides
+
+    big = np.zeros((80, 80), bool)
+    big[10:70, 10:70] = True  # a background click 30 px deep: a 45 px reach
+    image = np.full((80, 80), 0.5, np.float32)
+    image[50:, :] = 0.9  # rows 50-69 of the answer look different from the click
+    cleared = tissue_like_clicks(big, none, np.array([[40, 40]]), image)
+    assert not cleared[10:50, 10:70].any() and cleared[50:70, 10:70].all()
+    image[38:43, 38:43] = 0.0  # a click on a speck unlike its surroundings removes the speck only
+    speck = tissue_like_clicks(big, none, np.array([[40, 40]]), image)
+    assert not speck[38:43, 38:43].any() and speck.sum() == big.sum() - 25
+
+
+def test_the_session_applies_the_tissue_rules_on_a_known_slice(blob_session, monkeypatch):
+    """``corrected_slice`` with the slice index adds the tissue like a foreground click (the blob's bright
+    half beside an answer that missed it) even where SAM's answers add nothing; without the index, or with
+    ``click_tissue`` off, it does not."""
+    session, blob = blob_session
+    monkeypatch.setattr(session, "decode_slice", lambda axis, index, prompts: (np.zeros((64, 64), bool), 0.5))
+    prev = blob[4].copy()
+    prev[:, 34:] = False  # the answer misses the blob's right half
+    fg = np.array([[4, 30, 40]])  # 6 px right of the answer's edge, on the bright blob
+    out = session.corrected_slice(0, prev, prev, fg, np.zeros((0, 3)), index=4)
+    assert out[30, 40] and out[30, 44] and not (out & ~blob[4]).any()  # the blob's tissue only
+    assert np.array_equal(session.corrected_slice(0, prev, prev, fg, np.zeros((0, 3))), prev)
+    monkeypatch.setattr(session, "click_tissue", False)
+    assert np.array_equal(session.corrected_slice(0, prev, prev, fg, np.zeros((0, 3)), index=4), prev)
+
+
 def test_clicks_sam_does_not_follow_still_act(blob_session, monkeypatch):
     """A foreground click outside SAM's corrected answer adds SAM's answer to the click alone (near it); a
-    background click still inside clears around it; ``click_fallback = False`` leaves the answer as SAM's."""
+    background click still inside clears around it; ``click_fallback = False`` leaves the answer as SAM's
+    (the tissue rule off: this answer lies on the volume's noise, which looks the same everywhere)."""
     session, _ = blob_session
-    prev = np.zeros((60, 60), bool)
+    monkeypatch.setattr(session, "click_tissue", False)
+    prev = np.zeros((64, 64), bool)
     prev[20:40, 10:20] = True
     alone = np.zeros_like(prev)
     alone[45:55, 30:40] = True  # what SAM answers to the foreground point alone

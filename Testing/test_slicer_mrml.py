@@ -424,11 +424,12 @@ def test_adding_a_point_reruns_exactly_that_slice(run):
     after = LM.segment_mask(seg, out, vol)
     np.testing.assert_array_equal(after[:2], before[:2])  # other slices untouched
     # Slice 2 is SAM's answer for the box and the new point, as a correction of the slice as it was:
-    # changed only where the new point asks (the regions it removes that hold the point).
+    # changed only where the new point asks (the regions it removes that hold the point, the tissue like the
+    # point's near it and, where SAM still keeps the point, a disk around it: the slice's index is known).
     prompts = s.session.prompts_from_voxels(s.axis, np.zeros((0, 3)), np.array([[2, 34, 38]]), s.boxes[2])
     prompts = s.session.with_previous_answer(s.axis, [prompts], before[2])
     sam, _ = s.session.decode_slice(s.axis, 2, prompts)
-    expected = s.session.corrected_slice(s.axis, before[2], sam, np.zeros((0, 3)), np.array([[2, 34, 38]]))
+    expected = s.session.corrected_slice(s.axis, before[2], sam, np.zeros((0, 3)), np.array([[2, 34, 38]]), index=2)
     np.testing.assert_array_equal(after[2], expected)
     assert not (after[2] & ~before[2]).any()  # a background point never adds to the slice
     assert s.bg_node.GetNthControlPointLabel(s.bg_node.GetNumberOfControlPoints() - 1) == "2"

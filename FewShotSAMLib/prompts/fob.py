@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from ..errors import UserInputError
 from ..prompt_types import Prompts, QueryContext, Support
 from ..sam.weights import sha256_of
+from ..shape import mask_box
 from .boxprop import BoxPropagation
 from .features import spread_points
 
@@ -190,9 +191,9 @@ class FoBGenerator:
         if c1 < c0:
             c0 = c1 = (c0 + c1) / 2
         hi_r, hi_c = size - 1, size - 1
-        if valid is not None and valid.any():
-            rows, cols = np.nonzero(valid)
-            hi_r, hi_c = rows.max(), cols.max()
+        extent = mask_box(valid) if valid is not None else None
+        if extent is not None:
+            hi_r, hi_c = extent[2:]
         return np.array([np.clip(r0, 0, hi_r), np.clip(c0, 0, hi_c), np.clip(r1, 0, hi_r), np.clip(c1, 0, hi_c)],
                         np.float32)
 

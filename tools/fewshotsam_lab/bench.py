@@ -357,9 +357,10 @@ def bench_volume(image, labels: np.ndarray, organs: list[int], fast: EncoderVari
 
 
 def bench_rerun(session, repeats: int = 20) -> dict:
-    """End-to-end re-run of one slice after a point is added: cached embedding, the slice's answer as mask
-    input, decoder, back to native pixels, the local correction (``with_previous_answer``, ``decode_slice``,
-    ``corrected_slice``: what the Slicer module calls), median over ``repeats``."""
+    """End-to-end re-run of one slice after a foreground point is added beside its answer: cached
+    embedding, the slice's answer as mask input, decoder, back to native pixels, the local correction and
+    the click rules (``with_previous_answer``, ``decode_slice``, ``corrected_slice``: what the Slicer module
+    calls), median over ``repeats``."""
     from FewShotSAMLib.prompts.base import Prompts
 
     res = next(iter(session.bench_results.values()))
@@ -370,8 +371,11 @@ def bench_rerun(session, repeats: int = 20) -> dict:
     p = res.prompts[k].model
     pv = session.prepared(res.axis)
     m = pv.mask_to_model(np.take(res.mask, k, axis=res.axis))
+    # a foreground click on missed tissue beside the answer: 3 px right of it on its middle row (SAM's
+    # answer, the tissue like the click and, where neither takes it, SAM's answer to the point alone)
     rows, cols = np.nonzero(m)
-    point = np.array([[rows.mean(), cols.mean()]], np.float32)
+    row = int(rows[np.argmin(np.abs(rows - rows.mean()))])  # a row of the answer nearest its middle
+    point = np.array([[row, min(m.shape[1] - 1, int(cols[rows == row].max()) + 3)]], np.float32)
     edited = Prompts(np.concatenate([p.fg_points.reshape(-1, 2), point]), p.bg_points, p.box)
     # a correction, as a point added in Slicer: the slice's answer is SAM's mask input (for a decoder that
     # reads it) and the new answer changes the slice only where the added point asks
@@ -398,7 +402,7 @@ def bench_rerun(session, repeats: int = 20) -> dict:
         t2 = time.perf_counter()
         new = pv.frame.to_native(np.where(pv.valid, out.logits, OUTSIDE_LOGIT)) > 0
         t3 = time.perf_counter()
-        session.corrected_slice(res.axis, before, new, added, no_points)
+        session.corrected_slice(res.axis, before, new, added, no_points, index=k)
         t4 = time.perf_counter()
         parts["cache_get"].append(t1 - t0)
         parts["decode"].append(t2 - t1)
