@@ -166,11 +166,13 @@ def test_ablation_switches_run():
 
 # ---- generator and weights ------------------------------------------------------------------------
 class _FakeBackend:
-    """Stands in for the SAM backend (the generator only reads its name, size and box preference)."""
+    """Stands in for the SAM backend (the generator only reads its name, size, box preference and whether a
+    propagated box may grow)."""
 
     name = "tiny"
     input_size = 64
     prefers_box = True
+    grows_box = True
 
 
 def _save_small(path: Path, backend="tiny") -> Path:

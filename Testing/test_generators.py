@@ -237,3 +237,25 @@ def test_generators_are_deterministic(case, name):
     np.testing.assert_array_equal(a.bg_points, b.bg_points)
     np.testing.assert_array_equal(a.box, b.box)
     assert a.presence == b.presence
+
+
+def test_box_propagation_grows_the_box_only_where_the_backend_allows_it(case):
+    """The neighbour's box may grow for a backend measured to gain from it (``grows_box``: LiteMedSAM), not
+    for the others (MobileSAM loses with it); the support's box on a slice without a neighbour never grows."""
+    from dataclasses import replace
+
+    from FewShotSAMLib.prompts.boxprop import BOX_GROWTH, BOX_MARGIN, BoxPropagation
+    from FewShotSAMLib.sam.litemedsam import LiteMedSAMBackend
+    from FewShotSAMLib.shape import mask_box
+    from FewShotSAMLib.sam.segment_anything_vit import SegmentAnythingBackend
+
+    sup, query, ctx, truth = case
+    follows = replace(ctx, neighbour_mask=truth)
+    backend = BoxBackend()
+    assert BoxPropagation().generate(sup, query, follows, backend).box_growth == 0.0
+    backend.grows_box = True
+    grown = BoxPropagation().generate(sup, query, follows, backend)
+    assert grown.box_growth == BOX_GROWTH * S / 256
+    assert np.array_equal(grown.box, mask_box(truth, BOX_MARGIN * S / 256))  # the neighbour's box either way
+    assert BoxPropagation().generate(sup, query, ctx, backend).box_growth == 0.0  # no neighbour: fixed
+    assert LiteMedSAMBackend.grows_box and not SegmentAnythingBackend.grows_box

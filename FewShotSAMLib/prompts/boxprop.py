@@ -1,7 +1,8 @@
 """Box propagation: the neighbouring slice's mask box, slightly enlarged, prompts SAM on the next slice
-(what MedSAM's Slicer plugin does). The box may grow: where SAM's answer reaches its edge the engine widens
-that side by ``BOX_GROWTH`` and decodes again (``Prompts.box_growth``), so that an organ that widens from one
-slice to the next is not cut to its neighbour's box. No feature matching; presence is always 1, so the
+(what MedSAM's Slicer plugin does). With a backend that allows it (``SamBackend.grows_box``: LiteMedSAM) the box
+may grow: where SAM's answer reaches its edge the engine widens that side by ``BOX_GROWTH`` and decodes again
+(``Prompts.box_growth``), so that an organ that widens from one slice to the next is not cut to its
+neighbour's box. No feature matching; presence is always 1, so the
 engine's extent rules (area, overlap with the neighbour, SAM score) decide where the target ends.
 """
 
@@ -29,11 +30,12 @@ class BoxPropagation:
         self.growth = float(growth)
 
     def generate(self, support: Support, query, context: QueryContext, backend) -> Prompts:
-        """Box of the neighbour's mask, which may grow (the support's, fixed, when no neighbour is known: a
-        query slice of another volume)."""
+        """Box of the neighbour's mask, which may grow where the backend allows it (``grows_box``); the
+        support's, fixed, when no neighbour is known (a query slice of another volume)."""
         follows = context.neighbour_mask is not None
         scale = backend.input_size / 256.0
         box = mask_box(context.neighbour_mask if follows else support.mask, self.margin * scale)
         if box is None:
             return Prompts()
-        return Prompts(box=box, box_growth=self.growth * scale if follows else 0.0)
+        grows = follows and getattr(backend, "grows_box", False)
+        return Prompts(box=box, box_growth=self.growth * scale if grows else 0.0)

@@ -66,6 +66,9 @@ class SamBackend:
     encoder_name: Optional[str] = None  # the image encoder's weights when models share it (embeddings); None = name
     input_size: int = 1024
     prefers_box: bool = False  # trained with boxes: feed it a box whenever there is one
+    # box propagation may widen the neighbour's box where this model's answer reaches it (measured to help
+    # LiteMedSAM; MobileSAM's answers on CHAOS fall with it, 73.28 -> 68.08: docs/RESULTS.md)
+    grows_box: bool = False
     batch_size: int = 4
     auto_export_encoder: bool = False  # runtime 'auto' may export the encoder (small encoders only)
 

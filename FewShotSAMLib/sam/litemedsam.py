@@ -155,6 +155,7 @@ class LiteMedSAMBackend(SamBackend):
     name = "litemedsam"
     input_size = 256
     prefers_box = True
+    grows_box = True
     batch_size = 4
     auto_export_encoder = True  # TinyViT exports to ONNX in seconds: OpenVINO runs it on CPU by default
 
