@@ -605,9 +605,10 @@ class VolumeSession:
     def corrected_slice(self, axis: int, previous2d: np.ndarray, new2d: np.ndarray, fg: np.ndarray,
                         bg: np.ndarray, index: Optional[int] = None) -> np.ndarray:
         """A slice's answer after a correction: ``previous2d`` changed only where the points ``fg`` / ``bg``
-        (voxel indices) ask (``changes_at_points``), then the clicks SAM did not follow applied
-        (``_follow_ignored_clicks``), after the tissue like each click taken (``corrections.tissue_like_clicks``;
-        both need the slice ``index``); or ``new2d`` as it is when ``local_corrections`` is off."""
+        (voxel indices) ask (``changes_at_points``), with the tissue like each click taken
+        (``corrections.tissue_like_clicks``; needs the slice ``index``), then the clicks SAM did not follow
+        applied (``_follow_ignored_clicks``; the foreground ones need ``index``); or ``new2d`` as it is when
+        ``local_corrections`` is off."""
         if not self.local_corrections:
             return np.asarray(new2d, bool)
         fg2 = volume_index_to_slice(axis, np.asarray(fg, float).reshape(-1, 3))[1]
