@@ -68,6 +68,11 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
                    help="Prompt generator: auto (default: the one that measured best with the SAM model; FoB inside "
                         "the propagation for litemedsam-points, box propagation otherwise), fob, boxprop, persam, "
                         "p2sam, synpo or coarse.")
+    p.add_argument("--fob-mode", default=None,
+                   help="With --generator fob: box+bg, box+points, box or points prompt every slice from the painted "
+                        "slice alone with FoB's ring box and points, instead of from its neighbour (propagate, the "
+                        "default). Better where the neighbours look like the target (vertebrae 71 vs 55 Dice), worse "
+                        "elsewhere (docs/FOB.md).")
     p.add_argument("--sam", default=DEFAULT_SAM, help=f"SAM model: {', '.join(BACKEND_NAMES)} (default {DEFAULT_SAM}; "
                    "litemedsam-points follows points; vit_t is MobileSAM, obtained and verified on first use), or a checkpoint path.")
     p.add_argument("--sam-checkpoint", default=None, help="Checkpoint for --sam NAME: a local path, hf:owner/repo/file or owner/repo:file.")
@@ -120,6 +125,13 @@ def run_segment(args: argparse.Namespace) -> int:
     example = select_example(example_labels, args.label)
     label_value = int(args.label) if args.label is not None else int(example_labels[example].flat[0])
     del example_vol, example_labels  # only the boolean example is needed from here (memory on large volumes)
+    if args.fob_mode:
+        from .prompts.fob import MODES
+
+        if args.fob_mode not in MODES:
+            raise UserInputError(f"Unknown FoB prompt mode '{args.fob_mode}'; choose one of {', '.join(MODES)}.")
+        if args.prompts_in or str(args.generator).lower() != "fob":
+            raise UserInputError("--fob-mode goes with --generator fob (and without --prompts-in).")
     previous = None
     if args.previous:
         if not args.prompts_in:
@@ -159,7 +171,12 @@ def run_segment(args: argparse.Namespace) -> int:
             axis, prompts = read_prompts(args.prompts_in, image)
             result = session.segment_from_prompts(example, axis, prompts, previous=previous, progress=progress)
         else:
-            result = session.segment(example, generator=args.generator, extent=extent, progress=progress,
+            generator = args.generator
+            if args.fob_mode:
+                from .prompts import make_generator
+
+                generator = make_generator("fob", mode=args.fob_mode)
+            result = session.segment(example, generator=generator, extent=extent, progress=progress,
                                      release_embeddings=True)
     finally:
         bar.close()

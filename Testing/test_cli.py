@@ -64,6 +64,10 @@ BAD = [
     (["segment", "{d}/image.nii.gz", "--example", "{d}/example.nii.gz", "--device", "cuda"], "CUDA"),
     (["segment", "{d}/image.nii.gz", "--example", "{d}/example.nii.gz", "--generator", "nope"], "Unknown prompt generator"),
     (["segment", "{d}/image.nii.gz", "--example", "{d}/example.nii.gz", "--window", "40"], "--window"),
+    (["segment", "{d}/image.nii.gz", "--example", "{d}/example.nii.gz", "--fob-mode", "box+bg"],
+     "goes with --generator fob"),
+    (["segment", "{d}/image.nii.gz", "--example", "{d}/example.nii.gz", "--generator", "fob", "--fob-mode", "ring"],
+     "Unknown FoB prompt mode"),
     (["segment", "{d}/image.nii.gz", "--example", "{d}/example.nii.gz", "--previous", "{d}/example.nii.gz"],
      "pass --prompts-in too"),
 ]
@@ -137,6 +141,20 @@ def test_segment_writes_outputs_and_reruns_edited_prompts(files, capsys):
     assert code == 0, err
     arr3 = sitk.GetArrayFromImage(sitk.ReadImage(str(seg3)))
     assert np.array_equal(arr3[others], arr[others]) and not (arr3[k] & ~arr[k]).any()
+
+
+def test_fob_mode_prompts_every_slice_from_the_painted_slice(files, capsys):
+    """``--generator fob --fob-mode box+bg``: FoB's ring box and background points on every slice (the default
+    propagation gives the neighbour's box and no point), and the target is still found."""
+    d, blob = files
+    seg, pj = d / "seg_fob.nii.gz", d / "prompts_fob.json"
+    code, err = run(capsys, "segment", d / "image.nii.gz", "--example", d / "example.nii.gz", "--output", seg,
+                    "--prompts-out", pj, "--generator", "fob", "--fob-mode", "box+bg", "--range", "2:6", "--quiet")
+    assert code == 0, err
+    slices = json.loads(pj.read_text())["slices"]
+    assert slices and all(s["background"] and s["box"] for s in slices)
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(seg))) > 0
+    assert dice(arr[2:7], blob[2:7]) > 70
 
 
 def test_prompts_file_on_another_slice_is_rejected(files, capsys):
