@@ -125,13 +125,13 @@ def run_segment(args: argparse.Namespace) -> int:
     example = select_example(example_labels, args.label)
     label_value = int(args.label) if args.label is not None else int(example_labels[example].flat[0])
     del example_vol, example_labels  # only the boolean example is needed from here (memory on large volumes)
+    generator = args.generator
     if args.fob_mode:
-        from .prompts.fob import MODES
-
-        if args.fob_mode not in MODES:
-            raise UserInputError(f"Unknown FoB prompt mode '{args.fob_mode}'; choose one of {', '.join(MODES)}.")
         if args.prompts_in or str(args.generator).lower() != "fob":
             raise UserInputError("--fob-mode goes with --generator fob (and without --prompts-in).")
+        from .prompts import make_generator
+
+        generator = make_generator("fob", mode=args.fob_mode)  # an unknown mode is its one-sentence error here
     previous = None
     if args.previous:
         if not args.prompts_in:
@@ -171,11 +171,6 @@ def run_segment(args: argparse.Namespace) -> int:
             axis, prompts = read_prompts(args.prompts_in, image)
             result = session.segment_from_prompts(example, axis, prompts, previous=previous, progress=progress)
         else:
-            generator = args.generator
-            if args.fob_mode:
-                from .prompts import make_generator
-
-                generator = make_generator("fob", mode=args.fob_mode)
             result = session.segment(example, generator=generator, extent=extent, progress=progress,
                                      release_embeddings=True)
     finally:

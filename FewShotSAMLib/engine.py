@@ -448,7 +448,7 @@ class VolumeSession:
         if shape_rules.hole_points and piece.holes:
             hole_pts = _stack_points([inner_point(h) for h in piece.holes])
             prompts = replace(prompts, bg_points=_stack_points([prompts.bg_points, hole_pts]))
-        prompts, res = self._decode_growing_box(emb, prompts, pv.valid)
+        prompts, res = self._decode_growing_box(emb, prompts, pv)
         logits = np.where(pv.valid, res.logits, OUTSIDE_LOGIT).astype(np.float32)
         mmask = logits > 0
         new_holes = piece.holes
@@ -465,16 +465,15 @@ class VolumeSession:
         piece.neighbour = mmask
         return PieceAnswer(prompts, float(res.score), hole_pts, logits)
 
-    def _decode_growing_box(self, emb, prompts: Prompts, valid: np.ndarray) -> tuple[Prompts, DecodeResult]:
+    def _decode_growing_box(self, emb, prompts: Prompts, pv: PreparedVolume) -> tuple[Prompts, DecodeResult]:
         """Decode ``prompts``; while the answer reaches a side of a box that may grow (``box_growth``), widen
-        those sides (within the image) and decode again, at most ``BOX_GROWTH_STEPS`` times. Returns the
-        prompts with the box used and that box's answer."""
+        those sides (within the image, ``pv.valid_box``) and decode again, at most ``BOX_GROWTH_STEPS`` times.
+        Returns the prompts with the box used and that box's answer."""
         res = self.backend.decode(emb, prompts)
         if prompts.box is None or prompts.box_growth <= 0:
             return prompts, res
-        limits = mask_box(valid)
         for _ in range(BOX_GROWTH_STEPS):
-            box = widened_box(res.mask & valid, prompts.box, prompts.box_growth, limits)
+            box = widened_box(res.mask & pv.valid, prompts.box, prompts.box_growth, pv.valid_box)
             if box is None:
                 break
             prompts = replace(prompts, box=box)

@@ -5,6 +5,7 @@ training) so that all of them feed the encoder the very same pixels and reuse th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from typing import Sequence
@@ -43,6 +44,14 @@ class PreparedVolume:
         for slab in image:
             digest.update(np.ascontiguousarray(slab))
         self.token = digest.hexdigest()[:20]
+
+    @functools.cached_property
+    def valid_box(self) -> np.ndarray:
+        """(row0, col0, row1, col1) of the model-frame pixels that hold the image (``valid``): the limit of
+        a growing box, the same for every slice."""
+        from .shape import mask_box
+
+        return mask_box(self.valid)
 
     @property
     def n_slices(self) -> int:
