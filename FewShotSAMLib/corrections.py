@@ -4,8 +4,9 @@
 point or removes at a background point; ``tissue_like_clicks`` (the tissue that looks like a click,
 ``region_like``) and ``clear_around`` (a background click SAM ignores) are what a click does beyond SAM's
 answer; ``previous_answer_of_piece`` is the part of a slice's previous answer that belongs to one piece's
-prompts (its mask input when a target is in pieces). The engine (``VolumeSession.corrected_slice``,
-``with_previous_answer``) and the Slicer module use them."""
+prompts (its mask input when a target is in pieces); ``within_nearby`` bounds the answer to a click on a
+slice without one by the nearest answered slice's (``nearest_answered``). The engine
+(``VolumeSession.corrected_slice``, ``with_previous_answer``) and the Slicer module use them."""
 
 from __future__ import annotations
 
@@ -41,6 +42,12 @@ CLEAR_CAP = 0.5
 # 94.60 / 94.62 / 94.06, both directions always 94.77 (93.90 without the rule).
 LIKE_TOLERANCE = 0.2
 LIKE_RADIUS = 1.5
+
+# A click on a slice without an answer (one past the automatic extent) keeps SAM's answer only within the
+# nearest answered slice's answer, however far, grown by NEARBY_REACH x its equivalent radius (at least
+# 3 px): to a point alone MobileSAM answers with far more than the organ. Chosen on the click benchmark's
+# fold-0 volumes (docs/POINTS.md).
+NEARBY_REACH = 0.05
 
 
 def changes_at_points(previous: np.ndarray, new: np.ndarray, fg: np.ndarray, bg: np.ndarray,
@@ -123,6 +130,27 @@ def tissue_like_clicks(previous: np.ndarray, fg: np.ndarray, bg: np.ndarray, ima
         for r, c in rc:
             out[region_like(image, r, c, radius * float(distance[r, c]), previous != value, tolerance)] = value
     return out
+
+
+def nearest_answered(answered: np.ndarray, index: int, within: Optional[int] = None) -> Optional[int]:
+    """The slice of ``answered`` (the indices of slices with an answer) nearest to ``index``, other than
+    ``index`` (and at most ``within`` slices away when given); None when there is none."""
+    others = np.asarray([a for a in np.asarray(answered, int).ravel() if a != index], int)
+    if not len(others):
+        return None
+    nearest = int(others[np.argmin(np.abs(others - index))])
+    return nearest if within is None or abs(nearest - index) <= within else None
+
+
+def within_nearby(answer: np.ndarray, nearby: Optional[np.ndarray], reach: float = NEARBY_REACH) -> np.ndarray:
+    """``answer`` kept within ``nearby`` (a neighbouring slice's answer, same shape) grown by ``reach`` times
+    its equivalent radius (sqrt(area / pi), at least 3 px); ``answer`` as it is without ``nearby``."""
+    answer = np.asarray(answer, bool)
+    if nearby is None or not np.any(nearby):
+        return answer
+    nearby = np.asarray(nearby, bool)
+    grow = max(3.0, reach * float(np.sqrt(nearby.sum() / np.pi)))
+    return answer & (ndimage.distance_transform_edt(~nearby) <= grow)
 
 
 def region_like(image: np.ndarray, r: int, c: int, radius: float, within: np.ndarray,

