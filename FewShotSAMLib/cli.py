@@ -131,7 +131,8 @@ def run_segment(args: argparse.Namespace) -> int:
             raise UserInputError("--fob-mode goes with --generator fob (and without --prompts-in).")
         from .prompts import make_generator
 
-        generator = make_generator("fob", mode=args.fob_mode)  # an unknown mode is its one-sentence error here
+        # an unknown mode is its one-sentence error here, before the SAM model loads
+        generator = make_generator("fob", sam=args.sam, mode=args.fob_mode)
     previous = None
     if args.previous:
         if not args.prompts_in:

@@ -246,6 +246,44 @@ def test_shipped_weights_load_and_match_metadata():
     assert gen.prompt_mode(PointsBackend()) == meta["prompt_modes"]["litemedsam-points"] == "box+points"
 
 
+def test_each_sam_model_gets_the_fob_weights_trained_on_its_embeddings():
+    """LiteMedSAM's weights for both LiteMedSAM models (one image encoder), MobileSAM's own for ``vit_t``:
+    ``make_generator('fob', sam=...)`` (what the engine, the command line and Slicer call) loads them, each
+    refuses the other's embeddings, and ``auto`` reads each model's own calibration."""
+    from FewShotSAMLib.fob import LITEMEDSAM_WEIGHTS, shipped_weights
+    from FewShotSAMLib.prompts import make_generator, recommended_generator
+
+    assert shipped_weights() == shipped_weights("litemedsam") == shipped_weights("litemedsam-points") == LITEMEDSAM_WEIGHTS
+    path = shipped_weights("vit_t")
+    assert path != LITEMEDSAM_WEIGHTS and path.is_file() and path.stat().st_size < 5 << 20
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert len(meta["data"]) == 20 and meta["fold"] is None and meta["exclude_labels"] == []  # unlabeled CHAOS
+    gen = make_generator("fob", sam="vit_t")
+    assert gen.path == path and gen.backend_name == meta["sam_backend"] == "vit_t" and gen.cfg.frame_size == 1024
+
+    class MobileSAM:
+        name = embedding_name = "vit_t"
+        input_size, prefers_box = 1024, False
+
+    class LiteMedSAM:
+        name, embedding_name, input_size = "litemedsam-points", "litemedsam", 256
+
+    assert gen.prompt_mode(MobileSAM()) == meta["prompt_modes"]["vit_t"]
+    # calibrated inside the propagation for vit_t, and ahead of box propagation there: what 'auto' gives it
+    assert gen.min_corr == meta["propagation"]["min_corr"] and meta["propagation"]["sam_backend"] == "vit_t"
+    neighbour = np.zeros((1024, 1024), bool)
+    neighbour[400:500, 400:500] = True
+    assert gen.prompt_mode(MobileSAM(), QueryContext(neighbour, np.ones_like(neighbour))) == "propagate"
+    assert recommended_generator("vit_t") == "fob"
+    assert meta["propagation"]["cv_dice"] > meta["propagation"]["boxprop_cv_dice"]
+    query = torch.zeros(256, 64, 64)
+    gen._check(MobileSAM(), query)
+    with pytest.raises(UserInputError, match="trained on vit_t"):
+        gen._check(LiteMedSAM(), query)
+    with pytest.raises(UserInputError, match="trained on litemedsam"):
+        make_generator("fob", sam="litemedsam-points")._check(MobileSAM(), query)
+
+
 # ---- training: resumes after an interruption --------------------------------------------------------
 @pytest.mark.skipif(not DATA.exists(), reason="CHAOS data absent (../shared/data/chaos_t2)")
 def test_train_resumes_from_its_checkpoint(tmp_path, litemedsam):

@@ -41,6 +41,18 @@ def test_propagate_gives_the_neighbours_box_and_no_points(toy):
     assert len(p.fg_points) == 0 and len(p.bg_points) == 0
 
 
+def test_weights_without_a_propagation_threshold_keep_their_own_mode_inside_a_propagation(toy):
+    """Uncalibrated, ``propagate`` could never end the target (presence 1): FoB's own prompts and presence
+    model are used instead (the shipped MobileSAM weights)."""
+    path, support, query, neighbour = toy
+    ctx = QueryContext(neighbour, np.ones((64, 64), bool))
+    gen = FoBGenerator(weights=path)
+    assert gen.min_corr is None and gen.prompt_mode(_FakeBackend(), ctx) == "box"  # _FakeBackend prefers a box
+    p = gen.generate(support, query, ctx, _FakeBackend())
+    assert p.presence is not None and p.presence < 1.0
+    assert FoBGenerator(weights=path, mode="propagate").prompt_mode(_FakeBackend(), ctx) == "propagate"
+
+
 def test_propagation_presence_crosses_one_half_at_the_calibrated_correlation(toy):
     path, support, query, neighbour = toy
     gen = FoBGenerator(weights=path)

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESEARCH = re.compile(r"(^|/)(evaluate|bench\w*|clickbench|train\w*|demo|episodes|losses|supervoxels|point_decoder|"
                       r"precompute\w*|slicer_rerun|fewshotsam_lab)(/|\.py$)")
 SHIPPED = ("FewShotSAMLib/fob/weights/fob.pt", "FewShotSAMLib/fob/weights/fob.json",
+           "FewShotSAMLib/fob/weights/fob_vit_t.pt", "FewShotSAMLib/fob/weights/fob_vit_t.json",
            "FewShotSAMLib/sam/checkpoints/litemedsam_points.pt", "FewShotSAMLib/sam/checkpoints/litemedsam_points.json")
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import json
-from pathlib import Path
 from typing import Optional
 
 from ..errors import UserInputError
@@ -29,7 +29,6 @@ GENERATORS: dict[str, tuple[str, str]] = {
     "coarse": ("coarse", "CoarseMaskPrompts"),
 }
 DEFAULT_GENERATOR = "auto"  # recommended_generator() for the SAM model in use
-FOB_METADATA = Path(__file__).resolve().parents[1] / "fob" / "weights" / "fob.json"
 
 
 def recommended_generator(sam: Optional[str] = None) -> str:
@@ -38,17 +37,21 @@ def recommended_generator(sam: Optional[str] = None) -> str:
 
     Product protocol on CHAOS (one painted slice, automatic extent; docs/FOB.md, docs/RESULTS.md): FoB inside
     the propagation (the neighbour's box, FoB deciding where the target ends) where the shipped FoB weights
-    are calibrated for that model (``propagation.sam_backend`` in their metadata: litemedsam-points, 89.19
-    vs 87.50 cross-validated); box propagation for every other model (87.53 with the box-trained
-    LiteMedSAM, far ahead of the generators that place points there).
+    are calibrated for that model and beat box propagation there (``propagation`` in their metadata,
+    cross-validated: litemedsam-points 89.19 vs 87.50, vit_t 78.75 vs 73.73); box propagation for every
+    other model (87.53 with the box-trained LiteMedSAM, far ahead of the generators that place points there).
     """
+    from ..fob import shipped_weights
+
     name = str(sam or DEFAULT_SAM).lower()
-    if importlib.util.find_spec(f"{__name__}.fob") is not None and FOB_METADATA.is_file():
+    metadata = shipped_weights(name).with_suffix(".json")
+    if importlib.util.find_spec(f"{__name__}.fob") is not None and metadata.is_file():
         try:
-            calibration = json.loads(FOB_METADATA.read_text()).get("propagation") or {}
+            calibration = json.loads(metadata.read_text()).get("propagation") or {}
         except ValueError:
             calibration = {}
-        if calibration.get("sam_backend") == name and calibration.get("min_corr") is not None:
+        if (calibration.get("sam_backend") == name and calibration.get("min_corr") is not None
+                and calibration.get("cv_dice", 0.0) > calibration.get("boxprop_cv_dice", 100.0)):
             return "fob"
     return "boxprop"
 
@@ -65,7 +68,7 @@ def available_generators() -> list[str]:
 def make_generator(name: str | PromptGenerator = DEFAULT_GENERATOR, sam: Optional[str] = None,
                    **options) -> PromptGenerator:
     """Build a generator by name (or return ``name`` if it already is one); ``auto`` is the one recommended
-    for the SAM model ``sam``."""
+    for the SAM model ``sam``, and a generator with weights per SAM model (FoB) gets those for ``sam``."""
     if not isinstance(name, str):
         return name
     key = name.lower()
@@ -76,8 +79,10 @@ def make_generator(name: str | PromptGenerator = DEFAULT_GENERATOR, sam: Optiona
             f"Unknown prompt generator '{name}'; choose auto or one of {', '.join(available_generators())}."
         )
     mod, cls = GENERATORS[key]
-    module = importlib.import_module(f"{__name__}.{mod}")
-    return getattr(module, cls)(**options)
+    factory = getattr(importlib.import_module(f"{__name__}.{mod}"), cls)
+    if sam is not None and "sam" in inspect.signature(factory).parameters:
+        options.setdefault("sam", sam)
+    return factory(**options)
 
 
 __all__ = ["GENERATORS", "DEFAULT_GENERATOR", "PromptGenerator", "Prompts", "QueryContext", "Support",

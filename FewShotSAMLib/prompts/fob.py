@@ -7,12 +7,14 @@ there) FoB gives the neighbour's box, as box propagation does, and decides where
 presence is FoB's correlation map averaged over the neighbour's answer (eroded), against the threshold
 calibrated for these weights (``propagation.min_corr`` in the metadata, written by
 ``python tools/lab.py calibrate-fob-extent``). FoB's background and foreground points are not added
-there: on the point-aware LiteMedSAM they cut the target (docs/FOB.md).
+there: on the point-aware LiteMedSAM they cut the target (docs/FOB.md). Weights without that threshold
+keep their own prompt mode inside a propagation too, their presence model ending the target.
 
-Weights: ``FoBGenerator()`` loads the shipped ``FewShotSAMLib/fob/weights/fob.pt`` (package data) and checks
-it against the SHA-256 and SAM backend recorded in ``fob.json`` beside it; ``FoBGenerator(weights=path)`` loads any weights
-written by ``python tools/lab.py train-fob`` (research tooling of a source checkout; its ``.json`` beside it is
-checked when present).
+Weights: ``FoBGenerator(sam=name)`` loads the shipped weights for that SAM model (package data,
+``FewShotSAMLib/fob/weights/``: ``fob.pt`` for LiteMedSAM's embeddings, ``fob_vit_t.pt`` for MobileSAM's)
+and checks them against the SHA-256 and SAM backend recorded in the ``.json`` beside them;
+``FoBGenerator(weights=path)`` loads any weights written by ``python tools/lab.py train-fob`` (research
+tooling of a source checkout; its ``.json`` beside it is checked when present).
 Inference needs only the support (embedding + mask) and the query embedding.
 """
 
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserInputError
+from ..fob import shipped_weights
 from ..prompt_types import Prompts, QueryContext, Support
 from ..sam.weights import sha256_of
 from ..shape import mask_box
@@ -37,25 +40,26 @@ from .features import spread_points
 
 log = logging.getLogger(__name__)
 
-RESOURCE_DIR = Path(__file__).resolve().parents[1] / "fob" / "weights"  # package data (pip and the Slicer build)
-SHIPPED_WEIGHTS = RESOURCE_DIR / "fob.pt"
+SHIPPED_WEIGHTS = shipped_weights()  # the default SAM model's (package data: pip and the Slicer build)
 MODES = ("points", "box", "box+bg", "box+points", "propagate")
 PRESENCE_SLOPE = 0.01  # correlation units per logit of the propagation presence
 
 
 class FoBGenerator:
     """FoB prompts: ``mode`` is one of points | box | box+bg | box+points | propagate, or None for
-    ``propagate`` inside a propagation and otherwise the mode recorded with the weights for the backend in
-    use (box-trained backends get a box, others points). ``min_corr`` overrides the calibrated
-    propagation threshold."""
+    ``propagate`` inside a propagation when the weights have a propagation threshold, and otherwise the
+    mode recorded with the weights for the backend in use (box-trained backends get a box, others points).
+    ``weights`` is a weights file, or None for the shipped weights of the SAM model named ``sam``.
+    ``min_corr`` overrides the calibrated propagation threshold."""
 
     name = "fob"
 
     def __init__(self, weights: Optional[str | Path] = None, mode: Optional[str] = None, tau: float = 0.9,
-                 n_fg: Optional[int] = None, verify: bool = True, min_corr: Optional[float] = None) -> None:
+                 n_fg: Optional[int] = None, verify: bool = True, min_corr: Optional[float] = None,
+                 sam: Optional[str] = None) -> None:
         from ..fob.model import FoBConfig, FoBNet
 
-        path = Path(weights) if weights else SHIPPED_WEIGHTS
+        path = Path(weights) if weights else shipped_weights(sam)
         if not path.exists():
             hint = ("train it with `python tools/lab.py train-fob` (source checkout)" if weights
                     else "the installation is incomplete; reinstall or pass weights=PATH")
@@ -102,10 +106,11 @@ class FoBGenerator:
                                  f"at {backend.input_size}; use matching weights.")
 
     def prompt_mode(self, backend, context: Optional[QueryContext] = None) -> str:
-        """The prompt mode used with ``backend`` (``propagate`` when ``context`` has a neighbour's answer)."""
+        """The prompt mode used with ``backend`` (``propagate`` when ``context`` has a neighbour's answer and
+        the weights a propagation threshold)."""
         if self.mode:
             return self.mode
-        if context is not None and context.neighbour_mask is not None:
+        if context is not None and context.neighbour_mask is not None and self.min_corr is not None:
             return "propagate"
         modes = self.meta.get("prompt_modes", {})
         for name in (backend.name, getattr(backend, "embedding_name", backend.name)):

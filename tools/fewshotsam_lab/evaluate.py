@@ -297,7 +297,7 @@ def evaluate(store: CaseStore, protocol: str, methods: Sequence[str], folds: dic
 def evaluate_clicks(store: CaseStore, methods: Sequence[str], organs: Sequence[int], rounds: int,
                     progress: Optional[Callable[[str], None]] = None, targets_desc: str = "") -> dict:
     """The click benchmark (``clickbench.py``) for ``methods`` on every volume of ``store`` and ``organs``
-    (FoB with its shipped weights, which saw no label)."""
+    (FoB with the shipped weights for the backend, which saw no label)."""
     from FewShotSAMLib.prompts import make_generator
 
     from . import clickbench
@@ -306,7 +306,7 @@ def evaluate_clicks(store: CaseStore, methods: Sequence[str], organs: Sequence[i
     out = {"protocol": "clicks", "sam": store.backend.name, "rounds": int(rounds), "organs": names,
            "volumes_ids": store.ids, "targets_desc": targets_desc, "methods": {}, "complete": False}
     for name in methods:
-        gen = make_generator(name)
+        gen = make_generator(name, sam=store.backend.name)
         records = []
         for organ, oname in zip(organs, names):
             for vid in store.ids:

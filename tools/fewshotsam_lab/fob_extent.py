@@ -39,7 +39,7 @@ DEFAULT_GRID = (0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``calibrate-fob-extent``."""
     parser.add_argument("--data", required=True, help="folder with image_<id>.nii.gz and label_<id>.nii.gz (CHAOS T2)")
-    parser.add_argument("--weights", default=None, help="FoB weights (default: the shipped ones)")
+    parser.add_argument("--weights", default=None, help="FoB weights (default: the shipped ones for --sam)")
     parser.add_argument("--grid", default=",".join(str(t) for t in DEFAULT_GRID),
                         help="comma-separated thresholds of the mean correlation to try")
     parser.add_argument("--organs", default="1,2,3,4", help="labels to evaluate")
@@ -117,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from FewShotSAMLib.prompts.boxprop import BoxPropagation
-    from FewShotSAMLib.prompts.fob import SHIPPED_WEIGHTS, FoBGenerator
+    from FewShotSAMLib.fob import shipped_weights
+    from FewShotSAMLib.prompts.fob import FoBGenerator
 
     from FewShotSAMLib.sam import load_backend
     from FewShotSAMLib.sam.cache import EmbeddingCache
@@ -128,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     grid = _grid(args.grid)
     organs = parse_organs(args.organs)
     check_output_path(args.json, "JSON output")
-    weights = Path(args.weights) if args.weights else SHIPPED_WEIGHTS
+    weights = Path(args.weights) if args.weights else shipped_weights(args.sam)
     cases = list_cases(args.data)
     ids = [c[0] for c in cases]
     fold_volume_ids(ids, 4)  # needs the 20 volumes of the five folds: a clear error otherwise
