@@ -645,10 +645,12 @@ def test_auto_generator_is_the_measured_best_for_the_backend():
     from FewShotSAMLib.prompts import recommended_generator
 
     assert LG.default_generator() == "auto"
-    # FoB inside the propagation where the shipped FoB weights are calibrated for the model, else boxprop
+    # FoB inside the propagation where the shipped FoB weights are calibrated for the model (and beat box
+    # propagation there), else boxprop
     assert LG.resolve_generator(None) == LG.resolve_generator("auto") == recommended_generator() == "fob"
+    assert LG.resolve_generator("auto", "vit_t") == recommended_generator("vit_t") == "fob"
     assert LG.resolve_generator("auto", "litemedsam") == recommended_generator("litemedsam") == "boxprop"
-    assert LG.resolve_generator("auto", "vit_t") == "boxprop"
+    assert LG.resolve_generator("auto", "vit_b") == "boxprop"
     assert LG.resolve_generator("FoB") == "fob"  # asked for by name, it runs
     with pytest.raises(UserInputError, match="auto or one of"):
         LG.resolve_generator("magic")
