@@ -5,7 +5,7 @@ point or removes at a background point; ``tissue_like_clicks`` (the tissue that 
 ``region_like``) and ``clear_around`` (a background click SAM ignores) are what a click does beyond SAM's
 answer; ``previous_answer_of_piece`` is the part of a slice's previous answer that belongs to one piece's
 prompts (its mask input when a target is in pieces); ``within_nearby`` bounds the answer to a click on a
-slice without one by the nearest answered slice's (``nearest_answered``). The engine
+slice without one by the nearest answered slice's (``nearest_answer``). The engine
 (``VolumeSession.corrected_slice``, ``with_previous_answer``) and the Slicer module use them."""
 
 from __future__ import annotations
@@ -135,11 +135,20 @@ def tissue_like_clicks(previous: np.ndarray, fg: np.ndarray, bg: np.ndarray, ima
 def nearest_answered(answered: np.ndarray, index: int, within: Optional[int] = None) -> Optional[int]:
     """The slice of ``answered`` (the indices of slices with an answer) nearest to ``index``, other than
     ``index`` (and at most ``within`` slices away when given); None when there is none."""
-    others = np.asarray([a for a in np.asarray(answered, int).ravel() if a != index], int)
+    others = np.asarray(answered, int).ravel()
+    others = others[others != index]
     if not len(others):
         return None
     nearest = int(others[np.argmin(np.abs(others - index))])
     return nearest if within is None or abs(nearest - index) <= within else None
+
+
+def nearest_answer(answers: np.ndarray, index: int) -> Optional[np.ndarray]:
+    """The answer (2D, bool) on the slice of ``answers`` (slices along axis 0) nearest to ``index`` that
+    holds one, other than ``index``; None when no other slice does."""
+    answers = np.asarray(answers, bool)
+    near = nearest_answered(np.flatnonzero(answers.any(axis=(1, 2))), index)
+    return None if near is None else answers[near]
 
 
 def within_nearby(answer: np.ndarray, nearby: Optional[np.ndarray], reach: float = NEARBY_REACH) -> np.ndarray:

@@ -25,7 +25,7 @@ from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Union
 import numpy as np
 
 from .errors import CancelledError, UserInputError
-from .corrections import (CLICK_SPREAD, changes_at_points, clear_around, nearest_answered,
+from .corrections import (CLICK_SPREAD, changes_at_points, clear_around, nearest_answer,
                           previous_answer_of_piece, tissue_like_clicks, within_nearby)
 from .extent import Extent, ExtentRules, TargetEvidence, accept_slice, resolve_extent
 from .prompt_types import Prompts, QueryContext, SlicePrompts, Support
@@ -572,7 +572,6 @@ class VolumeSession:
         order = sorted(edits)
         pv.encode(self.cache, order)
         before = np.moveaxis(previous, axis, 0) if previous is not None else None
-        answered = np.flatnonzero(before.any((1, 2))) if before is not None else None
         for done, k in enumerate(order, 1):
             if cancel is not None and cancel():
                 raise CancelledError("cancelled")
@@ -592,9 +591,8 @@ class VolumeSession:
                 out[k] |= mask2d
                 answers.append(PieceAnswer(m, score, self._hole_points_of(axis, m, given.hole_bg)))
             if before is not None and (len(sp.fg) or len(sp.bg)):
-                near = nearest_answered(answered, k) if not before[k].any() else None
-                out[k] = self.corrected_slice(axis, before[k], out[k], sp.fg, sp.bg, index=k,
-                                              nearby=None if near is None else before[near])
+                nearby = nearest_answer(before, k) if not before[k].any() else None
+                out[k] = self.corrected_slice(axis, before[k], out[k], sp.fg, sp.bg, index=k, nearby=nearby)
             result.prompts[k] = self._slice_prompts(axis, k, answers, support)
             result.scores[k] = float(np.mean([a.score for a in answers])) if answers else 0.0
             if progress is not None:

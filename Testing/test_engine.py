@@ -345,14 +345,18 @@ def test_clicks_sam_does_not_follow_still_act(blob_session, monkeypatch):
 
 
 def test_a_click_on_a_slice_without_an_answer_stays_near_the_nearest_answer():
-    """``nearest_answered`` finds the nearest other slice with an answer (however far, or within a limit);
-    ``within_nearby`` keeps an answer within that slice's answer grown by a share of its equivalent radius,
-    at least 3 px, and leaves it as it is without one."""
-    from FewShotSAMLib.corrections import nearest_answered, within_nearby
+    """``nearest_answered`` finds the nearest other slice with an answer (however far, or within a limit),
+    ``nearest_answer`` that slice's answer; ``within_nearby`` keeps an answer within that slice's answer
+    grown by a share of its equivalent radius, at least 3 px, and leaves it as it is without one."""
+    from FewShotSAMLib.corrections import nearest_answer, nearest_answered, within_nearby
 
     assert nearest_answered(np.array([2, 3, 4, 9]), 6) == 4 and nearest_answered(np.array([2, 6, 9]), 6) == 9
     assert nearest_answered(np.array([6]), 6) is None and nearest_answered(np.array([2]), 6, within=3) is None
     assert nearest_answered(np.array([40]), 6) == 40
+    stack = np.zeros((8, 4, 4), bool)
+    stack[2, 1, 1] = stack[5, 2, 2] = True
+    assert nearest_answer(stack, 4)[2, 2] and nearest_answer(stack, 1)[1, 1] and nearest_answer(stack, 5)[1, 1]
+    assert nearest_answer(stack[:3], 2) is None
     nearby = np.zeros((100, 100), bool)
     nearby[30:70, 30:70] = True  # equivalent radius 22.6 px: half of it is 11.3 px
     everything = np.ones_like(nearby)

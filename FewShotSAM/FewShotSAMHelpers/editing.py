@@ -12,6 +12,7 @@ import numpy as np
 
 import slicer
 
+from FewShotSAMLib.corrections import nearest_answer
 from FewShotSAMLib.errors import UserInputError
 
 from .labelmaps import labelmap_stamp, segment_content_hash, segment_mask, segment_slices, write_segment_slices
@@ -327,15 +328,6 @@ class PromptEditor:
             self.rerun(changed, "edit of the prompt points", now=now, started=t0)
         return changed
 
-    def _nearest_answer(self, index: int) -> Optional[np.ndarray]:
-        """The segment on the slice nearest to ``index`` that holds some of it (None when no slice does)."""
-        from FewShotSAMLib.corrections import nearest_answered
-
-        s = self.state
-        stack = np.moveaxis(segment_mask(s.segmentation_node, s.segment_id, s.volume_node), s.axis, 0)
-        near = nearest_answered(np.flatnonzero(stack.any((1, 2))), index)
-        return None if near is None else stack[near]
-
     def rerun(self, slices: Sequence[int], description: str = "re-run", now: Optional[dict] = None,
               started: Optional[float] = None) -> None:
         """Re-decode ``slices`` from the current points (undoable). ``now``: the current points when the
@@ -356,6 +348,7 @@ class PromptEditor:
                 prev_bg[k] = before_points[k].bg
 
         new: dict[int, np.ndarray] = {}
+        segment = None  # the whole segment, slices first: read once, when a slice without an answer is corrected
         for k in slices:
             pts = now.get(k, SlicePoints())
             if k in s.painted and not len(pts.fg) and not len(pts.bg):
@@ -377,7 +370,11 @@ class PromptEditor:
             # points only added: a correction of the segment as it is now (SAM's answer or painted by
             # hand), which SAM sees and which changes only where the new points ask; on a slice without
             # an answer SAM's answer stays near the nearest answered slice's
-            nearby = None if before_slices[k].any() else self._nearest_answer(k)
+            nearby = None
+            if not before_slices[k].any():
+                if segment is None:
+                    segment = np.moveaxis(segment_mask(s.segmentation_node, s.segment_id, s.volume_node), s.axis, 0)
+                nearby = nearest_answer(segment, k)
             new[k] = s.session.correct_slice(s.axis, k, prompts, before_slices[k], added.fg, added.bg,
                                              nearby=nearby)
         write_segment_slices(s.segmentation_node, s.segment_id, s.volume_node, s.axis, new)
